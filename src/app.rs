@@ -1,0 +1,162 @@
+//! Wiring: one process = HTTP endpoints + consumer (steps) + relay, driven by one
+//! cancellation token.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::consumer::{self, BatchHandler, StepHandler};
+use crate::steps::auth_sync::AuthSync;
+use crate::steps::StepContext;
+use crate::telemetry::{self, Health, Metrics};
+use crate::{kafka, relay, store};
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Create missing topics instead of refusing to start.
+    pub create_topics: bool,
+}
+
+/// A started worker.
+pub struct Worker {
+    pub http_addr: SocketAddr,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub pool: PgPool,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    /// Waits until the worker has drained and stopped (after the shutdown token fired).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.handle.await.context("worker task panicked")?
+    }
+}
+
+/// Fails unless every migration this build knows has been applied.
+pub async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
+    let expected = store::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    // sqlx's own bookkeeping table; absent on a database never migrated.
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(None);
+    match applied {
+        Some(v) if v >= expected => Ok(()),
+        Some(v) => anyhow::bail!(
+            "database schema is at migration {v}, this build needs {expected}: run `authsync migrate`"
+        ),
+        None => anyhow::bail!("database is not migrated: run `authsync migrate`"),
+    }
+}
+
+/// Checks the database and topics, then starts everything. Start-up problems are returned
+/// here; afterwards the worker runs until `shutdown` is cancelled.
+pub async fn start(
+    config: Config,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Worker> {
+    let pool = store::pool(&config.database).context("database.url")?;
+    store::ping(&pool)
+        .await
+        .context("cannot reach Postgres (database.url)")?;
+    check_migrated(&pool).await?;
+    kafka::ensure_topics(&config, options.create_topics).await?;
+
+    let metrics = Metrics::new();
+    let health = Health::new(config.consumer.unready_after_failures);
+    let http_addr = telemetry::serve_http(
+        config.http.listen,
+        metrics.clone(),
+        health.clone(),
+        pool.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
+    tracing::info!(%http_addr, "HTTP endpoints up");
+
+    let ctx = StepContext {
+        consumer_group: config.kafka.group_id.clone(),
+        topics: config.topics.clone(),
+        provisioning: config.provisioning.clone(),
+        max_message_bytes: config.consumer.max_message_bytes,
+    };
+    let mut handlers: HashMap<String, Arc<dyn BatchHandler>> = HashMap::new();
+    handlers.insert(
+        config.topics.login.clone(),
+        Arc::new(StepHandler {
+            pool: pool.clone(),
+            ctx,
+            step: AuthSync,
+        }),
+    );
+
+    let relay_task = if config.relay.enabled {
+        let (cfg, pool, metrics, token) = (
+            config.clone(),
+            pool.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        Some(tokio::spawn(async move {
+            relay::run(&cfg, pool, metrics, token).await
+        }))
+    } else {
+        None
+    };
+    let (m, h) = (metrics.clone(), health.clone());
+    let handle = tokio::spawn(async move {
+        let consumed = consumer::run(&config, handlers, m, h, shutdown.clone()).await;
+        // A consumer that cannot start takes the process down with it.
+        shutdown.cancel();
+        if let Some(relay) = relay_task {
+            relay.await.context("relay task panicked")??;
+        }
+        consumed?;
+        Ok(())
+    });
+    Ok(Worker {
+        http_addr,
+        metrics,
+        health,
+        pool,
+        handle,
+    })
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        token.cancel();
+    });
+}

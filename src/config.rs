@@ -1,0 +1,568 @@
+//! One typed, validated configuration: built-in defaults, then an optional TOML file, then
+//! environment variables. Every field is documented in `config/authsync.example.toml` and
+//! in the README's configuration table.
+//!
+//! Environment variables: `AUTHSYNC_<SECTION>_<FIELD>` sets `<section>.<field>`
+//! (`AUTHSYNC_KAFKA_BROKERS`, `AUTHSYNC_CONSUMER_BATCH_SIZE`, …). `DATABASE_URL` is accepted
+//! when `AUTHSYNC_DATABASE_URL` is not set. `AUTHSYNC_KAFKA_PROPERTY_<NAME>` passes a
+//! librdkafka property through (`AUTHSYNC_KAFKA_PROPERTY_SASL_MECHANISM` →
+//! `sasl.mechanism`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(String),
+    #[error("configuration setting `{field}` {problem}")]
+    Invalid { field: &'static str, problem: String },
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub consumer: ConsumerConfig,
+    pub relay: RelayConfig,
+    pub http: HttpConfig,
+    pub provisioning: ProvisioningConfig,
+    pub log: LogConfig,
+}
+
+/// A string that never appears in logs or `Debug` output (database URLs carry passwords).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Postgres connection URL.
+    pub url: Secret,
+    /// Connection pool size (consumer batches, relay, HTTP readiness).
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before the attempt counts as a transient failure.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/authsync"),
+            max_connections: 10,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group id for the input topics.
+    pub group_id: String,
+    /// `session.timeout.ms` of the consumer.
+    pub session_timeout_ms: u64,
+    /// Extra librdkafka properties applied to every client (security.protocol, sasl.*, ssl.*, …).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "authsync".into(),
+            session_timeout_ms: 45_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Login / identity events (input).
+    pub login: String,
+    /// Merge requests (input).
+    pub merge: String,
+    /// Result events (output).
+    pub user_events: String,
+    /// Suffix appended to an input topic to name its dead-letter topic.
+    pub dlq_suffix: String,
+    /// Partitions used by `--create-topics` and `authsync dev`.
+    pub partitions: i32,
+    /// Replication factor used by `--create-topics`.
+    pub replication_factor: i32,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            login: "auth.login.v1".into(),
+            merge: "auth.merge.v1".into(),
+            user_events: "auth.user-events.v1".into(),
+            dlq_suffix: ".dlq".into(),
+            partitions: 6,
+            replication_factor: 1,
+        }
+    }
+}
+
+impl TopicsConfig {
+    pub fn dlq_for(&self, input_topic: &str) -> String {
+        format!("{input_topic}{}", self.dlq_suffix)
+    }
+
+    /// Every topic authsync reads or writes.
+    pub fn all(&self) -> Vec<String> {
+        vec![
+            self.login.clone(),
+            self.dlq_for(&self.login),
+            self.user_events.clone(),
+        ]
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// Most messages applied in one Postgres transaction (per partition).
+    pub batch_size: usize,
+    /// How long a partition waits for more messages before applying a partial batch.
+    pub batch_linger_ms: u64,
+    /// Largest accepted message value; larger ones are dead-lettered (`too_large`).
+    pub max_message_bytes: usize,
+    /// Messages buffered per partition before fetching pauses (back-pressure).
+    pub partition_buffer: usize,
+    /// On shutdown or revocation, how long in-flight batches may take to finish.
+    pub drain_timeout_ms: u64,
+    /// First delay of the transient-failure retry (exponential, with jitter).
+    pub retry_initial_ms: u64,
+    /// Largest delay between retries of a transiently failing batch.
+    pub retry_max_ms: u64,
+    /// After this many consecutive transient failures `/readyz` reports not ready.
+    pub unready_after_failures: u32,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            batch_linger_ms: 5,
+            max_message_bytes: 1024 * 1024,
+            partition_buffer: 2_000,
+            drain_timeout_ms: 25_000,
+            retry_initial_ms: 100,
+            retry_max_ms: 30_000,
+            unready_after_failures: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Run the outbox relay in this process (one instance holds the leader lock at a time).
+    pub enabled: bool,
+    /// Most outbox rows published per round.
+    pub batch_size: i64,
+    /// Polling interval when no NOTIFY arrives (fallback wake-up).
+    pub poll_interval_ms: u64,
+    /// Published outbox rows are deleted after this long.
+    pub outbox_retention_hours: u64,
+    /// Inbox rows (the de-duplication window) are deleted after this long.
+    pub inbox_retention_hours: u64,
+    /// How often the retention clean-up runs.
+    pub cleanup_interval_secs: u64,
+    /// librdkafka `linger.ms` of the relay's producer.
+    pub linger_ms: u64,
+    /// librdkafka `compression.type` of the relay's producer.
+    pub compression: String,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: 1_000,
+            poll_interval_ms: 500,
+            outbox_retention_hours: 24,
+            inbox_retention_hours: 24 * 7,
+            cleanup_interval_secs: 60,
+            linger_ms: 2,
+            compression: "lz4".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+/// Defaults for a first login when the event carries no labels or names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    pub organization_name: String,
+    pub organization_display_name: String,
+    pub project_name: String,
+    pub project_display_name: String,
+    pub personal_collection_label: String,
+    pub favorites_collection_label: String,
+    pub organization_collection_label: String,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            organization_name: "personal".into(),
+            organization_display_name: "Personal".into(),
+            project_name: "default".into(),
+            project_display_name: "Default".into(),
+            personal_collection_label: "Personal".into(),
+            favorites_collection_label: "Favorites".into(),
+            organization_collection_label: "Organization".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `authsync=debug,rdkafka=warn`.
+    pub level: String,
+    /// `json` (one object per line) or `text`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "database",
+    "kafka",
+    "topics",
+    "consumer",
+    "relay",
+    "http",
+    "provisioning",
+    "log",
+];
+
+impl Config {
+    /// Defaults, then `file` (if given), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with an explicit environment (tests must not mutate the process's).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let has_own_db_url = env.iter().any(|(k, _)| k == "AUTHSYNC_DATABASE_URL");
+        let mut overrides: Vec<(String, String)> = Vec::new();
+        for (key, value) in &env {
+            if key == "DATABASE_URL" && !has_own_db_url {
+                overrides.push(("database.url".into(), value.clone()));
+            } else if let Some(rest) = key.strip_prefix("AUTHSYNC_KAFKA_PROPERTY_") {
+                let name = rest.to_ascii_lowercase().replace('_', ".");
+                overrides.push((format!("kafka.properties.{name}"), value.clone()));
+            } else if let Some(rest) = key.strip_prefix("AUTHSYNC_") {
+                let lower = rest.to_ascii_lowercase();
+                let Some((section, field)) = lower.split_once('_') else {
+                    continue;
+                };
+                if SECTIONS.contains(&section) {
+                    overrides.push((format!("{section}.{field}"), value.clone()));
+                }
+            }
+        }
+        for (key, value) in overrides {
+            // Values are parsed like TOML values where possible (numbers, booleans) and fall
+            // back to strings, the same as figment's own Env provider.
+            let value: figment::value::Value = value
+                .parse()
+                .unwrap_or_else(|_| figment::value::Value::from(value));
+            figment = figment.merge(Serialized::global(&key, value));
+        }
+        let config: Config = figment.extract().map_err(|e| {
+            let field = e.path.join(".");
+            if field.is_empty() {
+                ConfigError::Load(e.to_string())
+            } else {
+                ConfigError::Load(format!("setting `{field}`: {}", e.kind))
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.database.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                "must be a postgres:// or postgresql:// URL",
+            ));
+        }
+        if self.database.max_connections < 2 {
+            return Err(invalid(
+                "database.max_connections",
+                format!("must be at least 2 (got {})", self.database.max_connections),
+            ));
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must not be empty"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        for (field, value) in [
+            ("topics.login", &self.topics.login),
+            ("topics.merge", &self.topics.merge),
+            ("topics.user_events", &self.topics.user_events),
+            ("topics.dlq_suffix", &self.topics.dlq_suffix),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+        }
+        if self.topics.login == self.topics.user_events {
+            return Err(invalid(
+                "topics.user_events",
+                "must differ from topics.login (the worker would consume its own output)",
+            ));
+        }
+        if self.topics.partitions < 1 {
+            return Err(invalid("topics.partitions", "must be at least 1"));
+        }
+        if !(1..=10_000).contains(&self.consumer.batch_size) {
+            return Err(invalid(
+                "consumer.batch_size",
+                format!("must be between 1 and 10000 (got {})", self.consumer.batch_size),
+            ));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.consumer.max_message_bytes) {
+            return Err(invalid(
+                "consumer.max_message_bytes",
+                format!(
+                    "must be between 1 KiB and 64 MiB (got {})",
+                    self.consumer.max_message_bytes
+                ),
+            ));
+        }
+        if self.consumer.partition_buffer < self.consumer.batch_size {
+            return Err(invalid(
+                "consumer.partition_buffer",
+                "must be at least consumer.batch_size",
+            ));
+        }
+        if self.consumer.retry_initial_ms == 0
+            || self.consumer.retry_max_ms < self.consumer.retry_initial_ms
+        {
+            return Err(invalid(
+                "consumer.retry_max_ms",
+                "must be >= consumer.retry_initial_ms, and retry_initial_ms > 0",
+            ));
+        }
+        if !(1..=50_000).contains(&self.relay.batch_size) {
+            return Err(invalid("relay.batch_size", "must be between 1 and 50000"));
+        }
+        if self.relay.poll_interval_ms == 0 {
+            return Err(invalid("relay.poll_interval_ms", "must be greater than 0"));
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.relay.compression.as_str()) {
+            return Err(invalid(
+                "relay.compression",
+                "must be one of none, gzip, snappy, lz4, zstd",
+            ));
+        }
+        if !["json", "text"].contains(&self.log.format.as_str()) {
+            return Err(invalid("log.format", "must be `json` or `text`"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", "is not a valid tracing filter"));
+        }
+        let p = &self.provisioning;
+        for (field, value) in [
+            ("provisioning.organization_name", &p.organization_name),
+            ("provisioning.project_name", &p.project_name),
+            (
+                "provisioning.personal_collection_label",
+                &p.personal_collection_label,
+            ),
+            (
+                "provisioning.favorites_collection_label",
+                &p.favorites_collection_label,
+            ),
+            (
+                "provisioning.organization_collection_label",
+                &p.organization_collection_label,
+            ),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.consumer.drain_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(config.topics.login, "auth.login.v1");
+        assert_eq!(config.consumer.max_message_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn env_overrides_sections_and_accepts_database_url() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("AUTHSYNC_KAFKA_BROKERS", "k1:9092,k2:9092"),
+                ("AUTHSYNC_CONSUMER_BATCH_SIZE", "42"),
+                ("DATABASE_URL", "postgres://x@db/app"),
+                ("AUTHSYNC_KAFKA_PROPERTY_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(config.consumer.batch_size, 42);
+        assert_eq!(config.database.url.expose(), "postgres://x@db/app");
+        assert_eq!(
+            config.kafka.properties.get("sasl.mechanism").map(String::as_str),
+            Some("SCRAM-SHA-512")
+        );
+    }
+
+    #[test]
+    fn authsync_database_url_wins_over_database_url() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://generic@db/app"),
+                ("AUTHSYNC_DATABASE_URL", "postgres://own@db/app"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.database.url.expose(), "postgres://own@db/app");
+    }
+
+    #[test]
+    fn bad_setting_names_the_field() {
+        let err = Config::load_from(None, env(&[("AUTHSYNC_CONSUMER_BATCH_SIZE", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consumer.batch_size"), "{err}");
+
+        let err = Config::load_from(None, env(&[("AUTHSYNC_CONSUMER_BATCH_SIZE", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consumer.batch_size"), "{err}");
+
+        let err = Config::load_from(None, env(&[("AUTHSYNC_DATABASE_URL", "mysql://x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn file_settings_apply_and_unknown_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("authsync-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(&path, "[relay]\nbatch_size = 77\n").unwrap();
+        let config = Config::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(config.relay.batch_size, 77);
+
+        std::fs::write(&path, "[relay]\nbatch_sise = 77\n").unwrap();
+        let err = Config::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch_sise"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let config = Config::default();
+        assert!(!format!("{config:?}").contains("postgres://"));
+    }
+}

@@ -1,0 +1,219 @@
+//! `authsync dev`: a first run with nothing but Postgres. librdkafka's mock broker runs in
+//! this process, speaking the real Kafka protocol on a loopback port.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, RunOptions};
+use crate::config::Config;
+use crate::kafka::client_config;
+use crate::store;
+
+/// Creates the configured database when it does not exist (dev convenience only).
+pub async fn ensure_database(config: &Config) -> anyhow::Result<()> {
+    let options = store::connect_options(&config.database).context("database.url")?;
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    if options.connect().await.is_ok() {
+        return Ok(());
+    }
+    let admin: PgConnectOptions = options.clone().database("postgres");
+    let mut conn = admin
+        .connect()
+        .await
+        .context("cannot reach Postgres (database.url)")?;
+    let exists: bool =
+        sqlx::query_scalar!(r#"SELECT EXISTS(SELECT 1 FROM pg_database WHERE datname = $1) AS "e!""#, name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        sqlx::raw_sql(&format!("CREATE DATABASE {quoted}"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("cannot create database {name}"))?;
+        tracing::info!(database = %name, "created database");
+    }
+    conn.close().await.ok();
+    Ok(())
+}
+
+/// A sample `auth.login` CloudEvent (also used by `--demo`).
+pub fn sample_login(id: &str, provider: &str, subject: &str, data: serde_json::Value) -> Vec<u8> {
+    let mut data = data;
+    if let Some(obj) = data.as_object_mut() {
+        obj.insert("provider".into(), provider.into());
+        obj.insert("subject".into(), subject.into());
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "authsync-dev-demo",
+        "type": "auth.login",
+        "time": chrono::Utc::now().to_rfc3339(),
+        "datacontenttype": "application/json",
+        "data": data,
+    }))
+    .unwrap_or_default()
+}
+
+pub async fn run(mut config: Config, demo: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cluster = MockCluster::new(1).context("cannot start the embedded Kafka mock broker")?;
+    for topic in config.topics.all() {
+        cluster
+            .create_topic(&topic, config.topics.partitions, 1)
+            .with_context(|| format!("cannot create topic {topic}"))?;
+    }
+    config.kafka.brokers = cluster.bootstrap_servers();
+    ensure_database(&config).await?;
+    let pool = store::pool(&config.database)?;
+    store::migrate(&pool).await.context("migrations failed")?;
+    pool.close().await;
+
+    let worker = app::start(config.clone(), RunOptions::default(), shutdown.clone()).await?;
+    println!("authsync dev is running");
+    println!("  Kafka (embedded mock broker): {}", config.kafka.brokers);
+    println!(
+        "  topics: {} (in), {} (out), {} (dead letters)",
+        config.topics.login,
+        config.topics.user_events,
+        config.topics.dlq_for(&config.topics.login)
+    );
+    println!("  metrics / health: http://{}/metrics  /healthz  /readyz", worker.http_addr);
+    println!(
+        "  publish a login:  kcat -b {} -t {} -P -k 'demo:alice'   (one JSON CloudEvent per line)",
+        config.kafka.brokers, config.topics.login
+    );
+    println!("  Ctrl-C stops it.");
+
+    if demo {
+        if let Err(e) = run_demo(&config, &shutdown).await {
+            tracing::error!(error = %e, "demo failed");
+        }
+    }
+    shutdown.cancelled().await;
+    worker.wait().await?;
+    drop(cluster);
+    Ok(())
+}
+
+async fn run_demo(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let producer: FutureProducer = client_config(&config.kafka).create()?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let samples = [
+        (
+            format!("demo-{run}-1"),
+            "demo",
+            "alice",
+            serde_json::json!({"email": "alice@example.com", "isEmailVerified": false,
+                               "displayName": "Alice", "locale": "en-GB", "deviceID": "laptop"}),
+        ),
+        (
+            format!("demo-{run}-2"),
+            "demo",
+            "alice",
+            serde_json::json!({"email": "alice@example.com", "isEmailVerified": true,
+                               "displayName": "Alice L.", "groups": ["staff"]}),
+        ),
+        (
+            format!("demo-{run}-3"),
+            "demo",
+            "bob",
+            serde_json::json!({"email": "bob@example.com", "isEmailVerified": true,
+                               "defaultPersonalCollectionLabel": "Bob's stuff"}),
+        ),
+    ];
+    let mut expected = 0;
+    for (id, provider, subject, data) in &samples {
+        let key = format!("{provider}:{subject}");
+        let value = sample_login(id, provider, subject, data.clone());
+        producer
+            .send(
+                FutureRecord::to(&config.topics.login).key(&key).payload(&value),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        println!("demo: published login {id} for {key}");
+        expected += 1;
+    }
+    // A message that can never succeed, to show the dead-letter path.
+    producer
+        .send(
+            FutureRecord::to(&config.topics.login).key("demo:broken").payload("not json"),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    println!("demo: published one malformed message");
+
+    let reader: StreamConsumer = client_config(&config.kafka)
+        .set("group.id", format!("authsync-demo-{run}"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    let dlq = config.topics.dlq_for(&config.topics.login);
+    reader.subscribe(&[&config.topics.user_events, &dlq])?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut synced = 0;
+    let mut dead = 0;
+    while synced < expected || dead < 1 {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep_until(deadline) => {
+                println!("demo: timed out waiting for results");
+                return Ok(());
+            }
+            m = reader.recv() => m?,
+        };
+        if message.topic() == dlq {
+            dead += 1;
+            let header = |name: &str| {
+                message
+                    .headers()
+                    .and_then(|hs| hs.iter().find(|h| h.key == name))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            println!(
+                "demo: dead letter  class={} reason={}",
+                header("authsync-error-class"),
+                header("authsync-error-reason")
+            );
+            continue;
+        }
+        let event: serde_json::Value =
+            serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or_default();
+        let kind = event["type"].as_str().unwrap_or("?");
+        if kind == "user.synced" {
+            synced += 1;
+        }
+        println!(
+            "demo: {kind:<28} user={} cause={} {}",
+            event["subject"].as_str().unwrap_or("?"),
+            event["causationid"].as_str().unwrap_or("?"),
+            match kind {
+                "user.synced" => format!(
+                    "didSignUp={} tokenRefreshRequired={} reason={:?}",
+                    event["data"]["didSignUp"],
+                    event["data"]["tokenRefreshRequired"],
+                    event["data"]["tokenRefreshReason"].as_str().unwrap_or("")
+                ),
+                _ => String::new(),
+            }
+        );
+    }
+    println!("demo: done; the worker keeps running (Ctrl-C stops it)");
+    Ok(())
+}

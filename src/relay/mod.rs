@@ -1,0 +1,236 @@
+//! The outbox relay: publishes committed outbox rows to Kafka, in order, exactly as written.
+//!
+//! One relay is active at a time (a session advisory lock on a dedicated connection);
+//! standbys poll for the lock. The leader reads rows whose transactions, and every older
+//! transaction, have finished (see `store::outbox::fetch_publishable`), sends them with
+//! the idempotent producer, and marks them published only after their delivery reports.
+//! It wakes on `NOTIFY authsync_outbox`, and polls as a fallback.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::kafka::client_config;
+use crate::store::{self, inbox, outbox};
+use crate::telemetry::Metrics;
+
+/// `pg_advisory_lock` key of the relay leader ("authsync" in ASCII).
+pub const LEADER_LOCK_KEY: i64 = 0x6175_7468_7379_6e63;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("could not create the Kafka producer: {0}")]
+    Producer(#[source] rdkafka::error::KafkaError),
+    #[error("relay database failure: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// The relay's producer: idempotent (no duplicates or reordering from retries), acks=all.
+pub fn producer(config: &Config) -> Result<FutureProducer, RelayError> {
+    client_config(&config.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", config.relay.linger_ms.to_string())
+        .set("compression.type", &config.relay.compression)
+        .set("message.timeout.ms", "60000")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+        .map_err(RelayError::Producer)
+}
+
+/// Runs until `shutdown`: campaigns for leadership, publishes while leader.
+pub async fn run(
+    config: &Config,
+    pool: PgPool,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
+    let producer = Arc::new(producer(config)?);
+    let poll = Duration::from_millis(config.relay.poll_interval_ms);
+    let options = store::connect_options(&config.database)?;
+    while !shutdown.is_cancelled() {
+        let mut lock_conn = match PgConnection::connect_with(&options).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "relay cannot reach the database");
+                sleep_or_shutdown(poll * 4, &shutdown).await;
+                continue;
+            }
+        };
+        let leader: bool = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock($1) AS "locked!""#,
+            LEADER_LOCK_KEY
+        )
+        .fetch_one(&mut lock_conn)
+        .await
+        .unwrap_or(false);
+        if !leader {
+            let _ = lock_conn.close().await;
+            sleep_or_shutdown(poll * 4, &shutdown).await;
+            continue;
+        }
+        tracing::info!("relay is leader");
+        metrics.relay_leader.set(1);
+        let result = lead(config, &pool, &producer, &metrics, &mut lock_conn, &shutdown).await;
+        metrics.relay_leader.set(0);
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "relay lost leadership; campaigning again");
+            sleep_or_shutdown(poll, &shutdown).await;
+        }
+        // Closing the session releases the advisory lock.
+        let _ = lock_conn.close().await;
+    }
+    // Whatever was handed to librdkafka gets its chance to be delivered.
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// The leader's loop. Returns an error when leadership (its lock connection) is lost.
+async fn lead(
+    config: &Config,
+    pool: &PgPool,
+    producer: &FutureProducer,
+    metrics: &Metrics,
+    lock_conn: &mut PgConnection,
+    shutdown: &CancellationToken,
+) -> Result<(), RelayError> {
+    let poll = Duration::from_millis(config.relay.poll_interval_ms);
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen("authsync_outbox").await?;
+    let cleanup_every = Duration::from_secs(config.relay.cleanup_interval_secs.max(1));
+    let mut last_cleanup = Instant::now() - cleanup_every;
+    let mut last_check = Instant::now();
+    while !shutdown.is_cancelled() {
+        if last_check.elapsed() >= poll * 4 {
+            // Still holding the lock? A dead session means a standby may lead now.
+            sqlx::query_scalar!(r#"SELECT 1 AS "one!""#)
+                .fetch_one(&mut *lock_conn)
+                .await?;
+            last_check = Instant::now();
+        }
+        if last_cleanup.elapsed() >= cleanup_every {
+            cleanup(config, pool).await;
+            last_cleanup = Instant::now();
+        }
+        let published = publish_batch(config, pool, producer, metrics).await?;
+        if published > 0 {
+            continue;
+        }
+        update_backlog(pool, metrics).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            n = listener.try_recv() => { n?; }
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn update_backlog(pool: &PgPool, metrics: &Metrics) {
+    if let Ok(b) = outbox::backlog(pool).await {
+        metrics.outbox_backlog.set(b.unpublished);
+        let age = b
+            .oldest
+            .map(|t| (chrono::Utc::now() - t).num_seconds().max(0))
+            .unwrap_or(0);
+        metrics.outbox_oldest_age_seconds.set(age);
+    }
+}
+
+async fn cleanup(config: &Config, pool: &PgPool) {
+    let outbox_hours = i32::try_from(config.relay.outbox_retention_hours).unwrap_or(i32::MAX);
+    let inbox_hours = i32::try_from(config.relay.inbox_retention_hours).unwrap_or(i32::MAX);
+    match outbox::delete_published_older_than(pool, outbox_hours, 10_000).await {
+        Ok(n) if n > 0 => tracing::info!(rows = n, "deleted published outbox rows"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "outbox clean-up failed"),
+    }
+    match inbox::delete_older_than(pool, inbox_hours, 10_000).await {
+        Ok(n) if n > 0 => tracing::info!(rows = n, "deleted expired inbox rows"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "inbox clean-up failed"),
+    }
+}
+
+/// Publishes one batch; returns how many rows were published.
+pub async fn publish_batch(
+    config: &Config,
+    pool: &PgPool,
+    producer: &FutureProducer,
+    metrics: &Metrics,
+) -> Result<usize, RelayError> {
+    let rows = outbox::fetch_publishable(pool, config.relay.batch_size).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in outbox::decode_headers(&row.headers) {
+            headers = headers.insert(Header {
+                key: &k,
+                value: Some(&v),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&row.topic)
+            .payload(row.payload.as_slice())
+            .headers(headers);
+        if let Some(key) = &row.key {
+            record = record.key(key.as_slice());
+        }
+        // Enqueue without waiting; the delivery futures are awaited together below.
+        match producer.send_result(record) {
+            Ok(delivery) => deliveries.push((row.id, row.topic.as_str(), Some(delivery))),
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "producer queue rejected a message");
+                deliveries.push((row.id, row.topic.as_str(), None));
+            }
+        }
+    }
+    let outcomes = join_all(deliveries.into_iter().map(|(id, topic, d)| async move {
+        let ok = match d {
+            Some(d) => matches!(d.await, Ok(Ok(_))),
+            None => false,
+        };
+        (id, topic, ok)
+    }))
+    .await;
+    let mut published = Vec::with_capacity(outcomes.len());
+    let mut failed = 0usize;
+    for (id, topic, ok) in outcomes {
+        if ok {
+            published.push(id);
+            metrics.relay_published.with_label_values(&[topic]).inc();
+        } else {
+            failed += 1;
+        }
+    }
+    if !published.is_empty() {
+        outbox::mark_published(pool, &published).await?;
+    }
+    metrics
+        .relay_publish_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if failed > 0 {
+        metrics.relay_errors.inc_by(failed as u64);
+        tracing::warn!(failed, "outbox rows not delivered; they will be retried");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(published.len())
+}

@@ -1,0 +1,382 @@
+//! The auth-sync step: login events become users (first login) or sync them (returning).
+//!
+//! Per batch, independent of its size: one inbox statement, one locking read of the known
+//! users, the sign-up statements (only when there are first logins), one write per table
+//! touched, three reads for the result views and one outbox insert.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::Utc;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{dead_letter, BatchReport, InputMessage, Step, StepContext};
+use crate::domain::{self, LoginOutcome, RefreshReason, SignupPlan, UserRecord};
+use crate::events::results::{self, ResultEvent};
+use crate::events::{DecodeError, LoginEvent};
+use crate::store::inbox::{self, Claim};
+use crate::store::outbox::{self, NewMessage};
+use crate::store::users::{self, DeviceSighting, EmailState, IdentityState};
+use crate::store::{provisioning, views, StoreError};
+
+pub struct AuthSync;
+
+type Identity = (String, String);
+
+/// Identities resolved to (locked) users so far.
+#[derive(Default)]
+struct Resolved {
+    user_of: HashMap<Identity, Uuid>,
+    users: HashMap<Uuid, UserRecord>,
+    groups: HashMap<Identity, Vec<String>>,
+}
+
+impl Resolved {
+    fn absorb(&mut self, loaded: Vec<users::LoadedIdentity>) {
+        for l in loaded {
+            let key = (l.provider, l.subject);
+            self.user_of.insert(key.clone(), l.user.id);
+            self.groups.insert(key, l.groups);
+            self.users.entry(l.user.id).or_insert(l.user);
+        }
+    }
+}
+
+/// What happened to one event, kept until the result events are built.
+struct Applied<'a> {
+    event: &'a LoginEvent,
+    user: UserRecord,
+    signed_up: bool,
+    outcome: LoginOutcome,
+}
+
+impl Step for AuthSync {
+    type Decoded = Result<LoginEvent, DecodeError>;
+
+    fn decode(&self, ctx: &StepContext, message: &InputMessage) -> Self::Decoded {
+        LoginEvent::decode(message.value.as_deref(), ctx.max_message_bytes)
+    }
+
+    fn inbox_key(&self, message: &InputMessage, decoded: &Self::Decoded) -> String {
+        match decoded {
+            Ok(event) => event.event_id.clone(),
+            Err(_) => message.position_key(),
+        }
+    }
+
+    async fn apply<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        ctx: &'a StepContext,
+        items: &'a [(&'a InputMessage, &'a Self::Decoded)],
+    ) -> Result<BatchReport, StoreError> {
+        let mut report = BatchReport::default();
+        let now = Utc::now();
+
+        // 1. Inbox: claim each event once; duplicates (in the batch or handled before) skip.
+        let keys: Vec<String> = items
+            .iter()
+            .map(|(m, d)| self.inbox_key(m, d))
+            .collect();
+        let mut seen = HashSet::new();
+        let mut claims = Vec::with_capacity(items.len());
+        let mut candidates = Vec::with_capacity(items.len());
+        for ((message, decoded), key) in items.iter().zip(&keys) {
+            if !seen.insert(key.as_str()) {
+                report.duplicates += 1;
+                continue;
+            }
+            claims.push(Claim {
+                event_id: key,
+                topic: &message.topic,
+                partition: message.partition,
+                offset: message.offset,
+                outcome: if decoded.is_ok() {
+                    "applied"
+                } else {
+                    "dead_lettered"
+                },
+            });
+            candidates.push((*message, *decoded, key.as_str()));
+        }
+        let claimed: HashSet<String> = inbox::claim(&mut *conn, &ctx.consumer_group, &claims)
+            .await?
+            .into_iter()
+            .collect();
+
+        let mut outbox_rows: Vec<NewMessage> = Vec::new();
+        let mut logins: Vec<&LoginEvent> = Vec::new();
+        for (message, decoded, key) in candidates {
+            if !claimed.contains(key) {
+                report.duplicates += 1;
+                continue;
+            }
+            match decoded {
+                Ok(event) => logins.push(event),
+                Err(e) => {
+                    outbox_rows.push(dead_letter(ctx, message, key, e.class, &e.reason));
+                    *report.dead_lettered.entry(e.class.as_str()).or_default() += 1;
+                }
+            }
+        }
+        if !logins.is_empty() {
+            let applied = self.apply_logins(conn, ctx, &logins, now, &mut report).await?;
+            outbox_rows.extend(self.results(conn, ctx, &applied).await?);
+        }
+        let dead = report.dead_lettered_total();
+        report.results = outbox::insert(&mut *conn, &outbox_rows)
+            .await?
+            .saturating_sub(dead);
+        Ok(report)
+    }
+}
+
+impl AuthSync {
+    async fn apply_logins<'e>(
+        &self,
+        conn: &mut PgConnection,
+        ctx: &StepContext,
+        logins: &[&'e LoginEvent],
+        now: chrono::DateTime<Utc>,
+        report: &mut BatchReport,
+    ) -> Result<Vec<Applied<'e>>, StoreError> {
+        // 2. Resolve identities to users, locking the users.
+        let mut identities: Vec<Identity> = Vec::new();
+        let mut seen = HashSet::new();
+        for event in logins {
+            let id = (event.provider.clone(), event.subject.clone());
+            if seen.insert(id.clone()) {
+                identities.push(id);
+            }
+        }
+        let mut resolved = Resolved::default();
+        resolved.absorb(users::lock_by_identities(&mut *conn, &identities).await?);
+
+        // 3. First logins: the first event of each unknown identity signs it up.
+        let mut plans: Vec<SignupPlan> = Vec::new();
+        let mut signup_event: HashMap<Identity, &str> = HashMap::new();
+        for event in logins {
+            let id = (event.provider.clone(), event.subject.clone());
+            if !resolved.user_of.contains_key(&id) && !signup_event.contains_key(&id) {
+                signup_event.insert(id, &event.event_id);
+                plans.push(domain::plan_signup(event, &ctx.provisioning, now));
+            }
+        }
+        if !plans.is_empty() {
+            let plan_refs: Vec<&SignupPlan> = plans.iter().collect();
+            let won: HashSet<Identity> = provisioning::claim_identities(&mut *conn, &plan_refs)
+                .await?
+                .into_iter()
+                .collect();
+            let winners: Vec<&SignupPlan> = plans
+                .iter()
+                .filter(|p| won.contains(&(p.provider.clone(), p.subject.clone())))
+                .collect();
+            provisioning::create(&mut *conn, &winners).await?;
+            for plan in &winners {
+                let id = (plan.provider.clone(), plan.subject.clone());
+                resolved.user_of.insert(id.clone(), plan.user.id);
+                resolved.groups.insert(id, plan.groups.clone());
+                resolved.users.insert(plan.user.id, plan.user.clone());
+            }
+            // Lost races: another transaction signed these identities up first.
+            let lost: Vec<Identity> = plans
+                .iter()
+                .map(|p| (p.provider.clone(), p.subject.clone()))
+                .filter(|id| !won.contains(id))
+                .collect();
+            if !lost.is_empty() {
+                for id in &lost {
+                    signup_event.remove(id);
+                }
+                resolved.absorb(users::lock_by_identities(&mut *conn, &lost).await?);
+            }
+        }
+
+        // 4. Decide, event by event, in order.
+        let Resolved {
+            user_of,
+            users: mut users_by_id,
+            mut groups,
+        } = resolved;
+        let mut applied = Vec::with_capacity(logins.len());
+        let mut dirty: Vec<Uuid> = Vec::new();
+        let mut dirty_set = HashSet::new();
+        let mut emails: HashMap<(Uuid, String), EmailState> = HashMap::new();
+        let mut identity_states: HashMap<Identity, IdentityState> = HashMap::new();
+        let mut devices: HashMap<(Uuid, String), DeviceSighting> = HashMap::new();
+        for event in logins {
+            let id = (event.provider.clone(), event.subject.clone());
+            let Some(&user_id) = user_of.get(&id) else {
+                // The identity vanished between claim and read: retry the batch.
+                return Err(StoreError::Transient(sqlx::Error::RowNotFound));
+            };
+            let Some(user) = users_by_id.get_mut(&user_id) else {
+                return Err(StoreError::Transient(sqlx::Error::RowNotFound));
+            };
+            let signed_up = signup_event.get(&id) == Some(&event.event_id.as_str());
+            let outcome = if signed_up {
+                report.signed_up += 1;
+                LoginOutcome::default()
+            } else {
+                let identity_groups = groups.entry(id.clone()).or_default();
+                let outcome = domain::apply_login(user, identity_groups, event, now);
+                if dirty_set.insert(user_id) {
+                    dirty.push(user_id);
+                }
+                if !outcome.stale {
+                    if let Some(email) = &user.email {
+                        if outcome.new_email
+                            || outcome
+                                .refresh_reasons
+                                .contains(&RefreshReason::EmailVerifiedChanged)
+                        {
+                            emails.insert(
+                                (user_id, email.clone()),
+                                EmailState {
+                                    user_id,
+                                    email: email.clone(),
+                                    verified_at: user.email_verified.then_some(event.occurred_at),
+                                },
+                            );
+                        }
+                    }
+                }
+                let state = identity_states
+                    .entry(id.clone())
+                    .or_insert_with(|| IdentityState {
+                        provider: id.0.clone(),
+                        subject: id.1.clone(),
+                        groups: Vec::new(),
+                        email: None,
+                        email_verified: None,
+                        last_login_at: event.occurred_at,
+                    });
+                state.groups = identity_groups.clone();
+                state.last_login_at = state.last_login_at.max(event.occurred_at);
+                if !outcome.stale {
+                    if event.email.is_some() {
+                        state.email = event.email.clone();
+                    }
+                    if event.email_verified.is_some() {
+                        state.email_verified = event.email_verified;
+                    }
+                }
+                outcome
+            };
+            if let Some(device_id) = &event.device_id {
+                let sighting = devices
+                    .entry((user_id, device_id.clone()))
+                    .or_insert_with(|| DeviceSighting {
+                        user_id,
+                        device_id: device_id.clone(),
+                        user_agent: None,
+                        seen_at: event.occurred_at,
+                    });
+                if event.occurred_at >= sighting.seen_at || sighting.user_agent.is_none() {
+                    sighting.user_agent = event.user_agent.clone().or(sighting.user_agent.take());
+                }
+                sighting.seen_at = sighting.seen_at.max(event.occurred_at);
+            }
+            report.applied += 1;
+            applied.push(Applied {
+                event,
+                user: user.clone(),
+                signed_up,
+                outcome,
+            });
+        }
+
+        // 5. Write what changed, one statement per table.
+        let dirty_users: Vec<&UserRecord> =
+            dirty.iter().filter_map(|id| users_by_id.get(id)).collect();
+        users::write(&mut *conn, &dirty_users).await?;
+        let emails: Vec<EmailState> = emails.into_values().collect();
+        users::upsert_emails(&mut *conn, &emails).await?;
+        let identity_states: Vec<IdentityState> = identity_states.into_values().collect();
+        users::update_identities(&mut *conn, &identity_states).await?;
+        let devices: Vec<DeviceSighting> = devices.into_values().collect();
+        users::upsert_devices(&mut *conn, &devices).await?;
+        Ok(applied)
+    }
+
+    /// `user.synced` for every login, `user.signed_up` and `user.token_refresh_required`
+    /// where they apply.
+    async fn results(
+        &self,
+        conn: &mut PgConnection,
+        ctx: &StepContext,
+        applied: &[Applied<'_>],
+    ) -> Result<Vec<NewMessage>, StoreError> {
+        let mut user_ids: Vec<Uuid> = applied.iter().map(|a| a.user.id).collect();
+        user_ids.sort_unstable();
+        user_ids.dedup();
+        let views = views::load(&mut *conn, &user_ids).await?;
+        let mut rows = Vec::with_capacity(applied.len() * 2);
+        for a in applied {
+            let uid = a.user.id;
+            let user_view = results::user_view(
+                &a.user,
+                views.emails.get(&uid).map(Vec::as_slice).unwrap_or_default(),
+                views
+                    .identities
+                    .get(&uid)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            );
+            let wc_view = views
+                .working_contexts
+                .get(&uid)
+                .map(results::working_context_view)
+                .unwrap_or(serde_json::Value::Null);
+            let reasons = &a.outcome.refresh_reasons;
+            let time = a.event.occurred_at;
+            let cause = a.event.event_id.as_str();
+            let mut events = vec![ResultEvent::new(
+                results::USER_SYNCED,
+                cause,
+                uid,
+                time,
+                results::synced_data(a.signed_up, reasons, user_view.clone(), wc_view.clone()),
+            )];
+            if a.signed_up {
+                events.push(ResultEvent::new(
+                    results::USER_SIGNED_UP,
+                    cause,
+                    uid,
+                    time,
+                    results::signed_up_data(&a.event.provider, &a.event.subject, user_view, wc_view),
+                ));
+            }
+            if !reasons.is_empty() {
+                events.push(ResultEvent::new(
+                    results::USER_TOKEN_REFRESH_REQUIRED,
+                    cause,
+                    uid,
+                    time,
+                    results::token_refresh_data(uid, reasons),
+                ));
+            }
+            rows.extend(events.into_iter().map(|e| result_message(ctx, &e)));
+        }
+        Ok(rows)
+    }
+}
+
+/// The outbox row of a result event.
+pub fn result_message(ctx: &StepContext, event: &ResultEvent) -> NewMessage {
+    NewMessage {
+        event_id: event.id,
+        topic: ctx.topics.user_events.clone(),
+        key: Some(event.user_id.to_string().into_bytes()),
+        event_type: event.event_type.to_string(),
+        payload: event.to_bytes(),
+        headers: vec![
+            (
+                "content-type".into(),
+                b"application/cloudevents+json; charset=utf-8".to_vec(),
+            ),
+            ("ce_type".into(), event.event_type.as_bytes().to_vec()),
+        ],
+    }
+}

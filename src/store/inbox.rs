@@ -1,0 +1,71 @@
+//! The inbox: one row per (consumer group, input event). Claiming is the de-duplication.
+
+use sqlx::PgConnection;
+
+/// One input message to claim.
+#[derive(Clone, Debug)]
+pub struct Claim<'a> {
+    pub event_id: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// `applied` or `dead_lettered`.
+    pub outcome: &'static str,
+}
+
+/// Claims every message not handled before and returns the claimed event ids.
+///
+/// A row that exists already means the event was handled: it is not returned (a duplicate),
+/// unless it was dead-lettered, in which case it may be claimed again (a redrive). A
+/// concurrent transaction claiming the same id makes this wait for it, so two consumers
+/// never both apply one event. `claims` must not repeat an event id.
+pub async fn claim(
+    conn: &mut PgConnection,
+    group: &str,
+    claims: &[Claim<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
+    let ids: Vec<&str> = claims.iter().map(|c| c.event_id).collect();
+    let topics: Vec<&str> = claims.iter().map(|c| c.topic).collect();
+    let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
+    let offsets: Vec<i64> = claims.iter().map(|c| c.offset).collect();
+    let outcomes: Vec<&str> = claims.iter().map(|c| c.outcome).collect();
+    sqlx::query_scalar!(
+        r#"
+        INSERT INTO inbox (consumer_group, event_id, topic, kafka_partition, kafka_offset, outcome)
+        SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::int4[], $5::int8[], $6::text[])
+        ON CONFLICT (consumer_group, event_id) DO UPDATE
+            SET outcome = EXCLUDED.outcome, topic = EXCLUDED.topic,
+                kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset,
+                processed_at = now()
+            WHERE inbox.outcome = 'dead_lettered'
+        RETURNING event_id
+        "#,
+        group,
+        &ids as &[&str],
+        &topics as &[&str],
+        &partitions,
+        &offsets,
+        &outcomes as &[&str],
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Deletes inbox rows older than the de-duplication window; returns how many.
+pub async fn delete_older_than(
+    pool: &sqlx::PgPool,
+    hours: i32,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    sqlx::query!(
+        r#"DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+               SELECT ctid FROM inbox
+               WHERE processed_at < now() - make_interval(hours => $1)
+               LIMIT $2))"#,
+        hours,
+        limit
+    )
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}

@@ -1,0 +1,77 @@
+//! Postgres: the pool, migrations, and the set-based SQL of every step. No policy here.
+
+pub mod inbox;
+pub mod outbox;
+pub mod provisioning;
+pub mod users;
+pub mod views;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::DatabaseConfig;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A database failure, sorted by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Connection loss, pool exhaustion, serialization failure, deadlock, shutdown, a bug in
+    /// our SQL: retry the whole batch later; the input is not to blame.
+    #[error("transient database failure: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// The data violates a constraint or a type (SQLSTATE classes 22 and 23): retrying
+    /// cannot help; the message that caused it is dead-lettered.
+    #[error("database rejected the data: {0}")]
+    Permanent(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let permanent = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+            // Decoding a row we wrote ourselves failing is a bug, not the input's fault.
+            _ => false,
+        };
+        if permanent {
+            StoreError::Permanent(e)
+        } else {
+            StoreError::Transient(e)
+        }
+    }
+}
+
+pub fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(config.url.expose())?.application_name("authsync"))
+}
+
+/// A lazily connecting pool: start-up does not fail on a database that is still booting.
+pub fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+        .connect_lazy_with(connect_options(config)?))
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// `SELECT 1`, for readiness.
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query_scalar!("SELECT 1 AS \"one!\"")
+        .fetch_one(pool)
+        .await
+        .map(|_| ())
+}

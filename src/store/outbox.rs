@@ -1,0 +1,179 @@
+//! The transactional outbox: rows written in the step's transaction, read by the relay.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// A message to publish once the transaction that wrote it commits.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    /// Unique; a second insert with the same id is ignored (a replay that re-emits).
+    pub event_id: Uuid,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    /// Kafka headers, in order (stored as JSON, see [`encode_headers`]).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Headers as JSON: `[{"k": name, "v": text}]` or `{"k": name, "b": [bytes]}` for non-UTF-8.
+pub fn encode_headers(headers: &[(String, Vec<u8>)]) -> serde_json::Value {
+    serde_json::Value::Array(
+        headers
+            .iter()
+            .map(|(k, v)| match std::str::from_utf8(v) {
+                Ok(text) => serde_json::json!({ "k": k, "v": text }),
+                Err(_) => serde_json::json!({ "k": k, "b": v }),
+            })
+            .collect(),
+    )
+}
+
+pub fn decode_headers(value: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
+    let Some(items) = value.as_array() else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let k = item.get("k")?.as_str()?.to_owned();
+            if let Some(text) = item.get("v").and_then(|v| v.as_str()) {
+                return Some((k, text.as_bytes().to_vec()));
+            }
+            let bytes = item
+                .get("b")?
+                .as_array()?
+                .iter()
+                .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                .collect();
+            Some((k, bytes))
+        })
+        .collect()
+}
+
+/// Inserts messages in order (their `id`s follow it); returns how many were new.
+pub async fn insert(conn: &mut PgConnection, messages: &[NewMessage]) -> Result<u64, sqlx::Error> {
+    if messages.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.event_id).collect();
+    let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+    let keys: Vec<Option<Vec<u8>>> = messages.iter().map(|m| m.key.clone()).collect();
+    let types: Vec<&str> = messages.iter().map(|m| m.event_type.as_str()).collect();
+    let payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.payload.clone()).collect();
+    let headers: Vec<serde_json::Value> =
+        messages.iter().map(|m| encode_headers(&m.headers)).collect();
+    let result = sqlx::query!(
+        r#"
+        INSERT INTO outbox (event_id, topic, message_key, event_type, payload, headers)
+        SELECT event_id, topic, message_key, event_type, payload, headers
+        FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::jsonb[])
+            WITH ORDINALITY AS m(event_id, topic, message_key, event_type, payload, headers, n)
+        ORDER BY n
+        ON CONFLICT (event_id) DO NOTHING
+        "#,
+        &ids,
+        &topics as &[&str],
+        &keys as &[Option<Vec<u8>>],
+        &types as &[&str],
+        &payloads,
+        &headers,
+    )
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// A row the relay may publish.
+#[derive(Debug)]
+pub struct Pending {
+    pub id: i64,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: serde_json::Value,
+}
+
+/// The oldest unpublished rows whose transactions, and every older transaction, have
+/// finished. Waiting for the snapshot's xmin is what keeps a late-committing transaction's
+/// rows from being overtaken by a newer transaction's rows for the same key.
+pub async fn fetch_publishable(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
+    sqlx::query_as!(
+        Pending,
+        r#"
+        SELECT id, topic, message_key AS key, payload, headers
+        FROM outbox
+        WHERE published_at IS NULL
+          AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::int8
+        ORDER BY id
+        LIMIT $1
+        "#,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+        ids
+    )
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// Deletes published rows older than the retention; returns how many.
+pub async fn delete_published_older_than(
+    pool: &PgPool,
+    hours: i32,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    sqlx::query!(
+        r#"DELETE FROM outbox WHERE id = ANY(ARRAY(
+               SELECT id FROM outbox
+               WHERE published_at IS NOT NULL
+                 AND published_at < now() - make_interval(hours => $1)
+               LIMIT $2))"#,
+        hours,
+        limit
+    )
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    pub unpublished: i64,
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+pub async fn backlog(pool: &PgPool) -> Result<Backlog, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "unpublished!", min(created_at) AS oldest
+           FROM outbox WHERE published_at IS NULL"#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Backlog {
+        unpublished: row.unpublished,
+        oldest: row.oldest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_including_binary() {
+        let headers = vec![
+            ("a".to_string(), b"text".to_vec()),
+            ("b".to_string(), vec![0xff, 0x00, 0x10]),
+        ];
+        assert_eq!(decode_headers(&encode_headers(&headers)), headers);
+    }
+}
