@@ -23,7 +23,10 @@ pub enum ConfigError {
     #[error("configuration could not be read: {0}")]
     Load(String),
     #[error("configuration setting `{field}` {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -323,12 +326,15 @@ impl Config {
         let env: Vec<(String, String)> = env.into_iter().collect();
         let has_own_db_url = env.iter().any(|(k, _)| k == "AUTHSYNC_DATABASE_URL");
         let mut overrides: Vec<(String, String)> = Vec::new();
+        // librdkafka property names contain dots, which figment would read as nesting:
+        // they go in as one map.
+        let mut properties: BTreeMap<String, String> = BTreeMap::new();
         for (key, value) in &env {
             if key == "DATABASE_URL" && !has_own_db_url {
                 overrides.push(("database.url".into(), value.clone()));
             } else if let Some(rest) = key.strip_prefix("AUTHSYNC_KAFKA_PROPERTY_") {
                 let name = rest.to_ascii_lowercase().replace('_', ".");
-                overrides.push((format!("kafka.properties.{name}"), value.clone()));
+                properties.insert(name, value.clone());
             } else if let Some(rest) = key.strip_prefix("AUTHSYNC_") {
                 let lower = rest.to_ascii_lowercase();
                 let Some((section, field)) = lower.split_once('_') else {
@@ -346,6 +352,9 @@ impl Config {
                 .parse()
                 .unwrap_or_else(|_| figment::value::Value::from(value));
             figment = figment.merge(Serialized::global(&key, value));
+        }
+        if !properties.is_empty() {
+            figment = figment.merge(Serialized::global("kafka.properties", properties));
         }
         let config: Config = figment.extract().map_err(|e| {
             let field = e.path.join(".");
@@ -401,7 +410,10 @@ impl Config {
         if !(1..=10_000).contains(&self.consumer.batch_size) {
             return Err(invalid(
                 "consumer.batch_size",
-                format!("must be between 1 and 10000 (got {})", self.consumer.batch_size),
+                format!(
+                    "must be between 1 and 10000 (got {})",
+                    self.consumer.batch_size
+                ),
             ));
         }
         if !(1024..=64 * 1024 * 1024).contains(&self.consumer.max_message_bytes) {
@@ -508,7 +520,11 @@ mod tests {
         assert_eq!(config.consumer.batch_size, 42);
         assert_eq!(config.database.url.expose(), "postgres://x@db/app");
         assert_eq!(
-            config.kafka.properties.get("sasl.mechanism").map(String::as_str),
+            config
+                .kafka
+                .properties
+                .get("sasl.mechanism")
+                .map(String::as_str),
             Some("SCRAM-SHA-512")
         );
     }

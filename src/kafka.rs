@@ -44,12 +44,13 @@ pub fn missing_topics(config: &Config, timeout: Duration) -> Result<Vec<String>,
             brokers: config.kafka.brokers.clone(),
             source,
         })?;
-    let metadata = consumer
-        .fetch_metadata(None, timeout)
-        .map_err(|source| TopicError::Metadata {
-            brokers: config.kafka.brokers.clone(),
-            source,
-        })?;
+    let metadata =
+        consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|source| TopicError::Metadata {
+                brokers: config.kafka.brokers.clone(),
+                source,
+            })?;
     let present: Vec<&str> = metadata
         .topics()
         .iter()
@@ -67,24 +68,26 @@ pub fn missing_topics(config: &Config, timeout: Duration) -> Result<Vec<String>,
 /// Fails with the names of missing topics, or creates them when `create` is set.
 pub async fn ensure_topics(config: &Config, create: bool) -> Result<(), TopicError> {
     let cfg = config.clone();
-    let missing = tokio::task::spawn_blocking(move || missing_topics(&cfg, Duration::from_secs(10)))
-        .await
-        .map_err(|e| TopicError::Create {
-            topic: "*".into(),
-            reason: e.to_string(),
-        })??;
+    let missing =
+        tokio::task::spawn_blocking(move || missing_topics(&cfg, Duration::from_secs(10)))
+            .await
+            .map_err(|e| TopicError::Create {
+                topic: "*".into(),
+                reason: e.to_string(),
+            })??;
     if missing.is_empty() {
         return Ok(());
     }
     if !create {
         return Err(TopicError::Missing(missing));
     }
-    let admin: AdminClient<DefaultClientContext> = client_config(&config.kafka)
-        .create()
-        .map_err(|e| TopicError::Create {
-            topic: missing.join(","),
-            reason: e.to_string(),
-        })?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&config.kafka)
+            .create()
+            .map_err(|e| TopicError::Create {
+                topic: missing.join(","),
+                reason: e.to_string(),
+            })?;
     let new_topics: Vec<NewTopic> = missing
         .iter()
         .map(|name| {

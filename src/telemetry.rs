@@ -55,8 +55,8 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("authsync".into()), None)
-            .unwrap_or_else(|_| Registry::new());
+        let registry =
+            Registry::new_custom(Some("authsync".into()), None).unwrap_or_else(|_| Registry::new());
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels)
                 .unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -112,7 +112,9 @@ impl Metrics {
                 "relay_publish_seconds",
                 "Time from reading an outbox batch to its last delivery report",
             )
-            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
         )
         .unwrap_or_else(|e| panic!("metric relay_publish_seconds: {e}"));
         let gauge = |name: &str, help: &str| {
@@ -151,7 +153,10 @@ impl Metrics {
             "1 while this process holds the relay leader lock",
         );
         let partitions_assigned = IntGaugeVec::new(
-            Opts::new("partitions_assigned", "Input partitions owned by this process"),
+            Opts::new(
+                "partitions_assigned",
+                "Input partitions owned by this process",
+            ),
             &["topic"],
         )
         .unwrap_or_else(|e| panic!("metric partitions_assigned: {e}"));

@@ -173,8 +173,10 @@ impl ConsumerContext for PipelineContext {
             state.abort.cancel();
         }
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            if !matches!(e, KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset))
-            {
+            if !matches!(
+                e,
+                KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)
+            ) {
                 tracing::warn!(error = %e, "commit on revocation failed");
             }
         }
@@ -486,7 +488,9 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!("drain deadline passed; abandoning unfinished batches (they will be redelivered)");
+        tracing::warn!(
+            "drain deadline passed; abandoning unfinished batches (they will be redelivered)"
+        );
         hard_abort.cancel();
         let _ = drain.await;
     }

@@ -40,11 +40,23 @@ mod tests {
 
     #[test]
     fn ids_are_deterministic_and_distinct() {
-        assert_eq!(result_event_id("e1", "user.synced"), result_event_id("e1", "user.synced"));
-        assert_ne!(result_event_id("e1", "user.synced"), result_event_id("e1", "user.signed_up"));
-        assert_ne!(result_event_id("e1", "user.synced"), result_event_id("e2", "user.synced"));
+        assert_eq!(
+            result_event_id("e1", "user.synced"),
+            result_event_id("e1", "user.synced")
+        );
+        assert_ne!(
+            result_event_id("e1", "user.synced"),
+            result_event_id("e1", "user.signed_up")
+        );
+        assert_ne!(
+            result_event_id("e1", "user.synced"),
+            result_event_id("e2", "user.synced")
+        );
         // The provider length prefix keeps `a:b` + `c` apart from `a` + `b:c`.
         assert_ne!(user_id("a:b", "c"), user_id("a", "b:c"));
-        assert_ne!(user_etag(user_id("a", "b"), 1), user_etag(user_id("a", "b"), 2));
+        assert_ne!(
+            user_etag(user_id("a", "b"), 1),
+            user_etag(user_id("a", "b"), 2)
+        );
     }
 }

@@ -144,7 +144,10 @@ pub fn apply_login(
     changed |= set_opt_if_changed(&mut user.given_name, &event.given_name);
     changed |= set_opt_if_changed(&mut user.family_name, &event.family_name);
     changed |= set_opt_if_changed(&mut user.locale, &event.locale);
-    changed |= set_if_changed(&mut user.workflow_variants, event.workflow_variants.as_ref());
+    changed |= set_if_changed(
+        &mut user.workflow_variants,
+        event.workflow_variants.as_ref(),
+    );
     if set_if_changed(identity_groups, event.groups.as_ref()) {
         outcome.groups_changed = true;
         changed = true;
@@ -424,7 +427,10 @@ mod tests {
         ev.groups = None;
         let outcome = apply_login(&mut user, &mut groups, &ev, at(3));
         assert!(outcome.new_email);
-        assert!(!user.email_verified, "a new address is unverified unless said");
+        assert!(
+            !user.email_verified,
+            "a new address is unverified unless said"
+        );
         assert_eq!(outcome.refresh_reasons, vec![RefreshReason::EmailChanged]);
         assert_eq!(groups, vec!["g1".to_string(), "g2".to_string()]);
     }
@@ -440,7 +446,10 @@ mod tests {
         assert_eq!(a.collections, b.collections);
         assert_eq!(a.organization_slug, "acme-corp");
         let fav = &a.collections[2];
-        assert_eq!((fav.kind, fav.label.as_str()), (CollectionKind::Favorites, "Stars"));
+        assert_eq!(
+            (fav.kind, fav.label.as_str()),
+            (CollectionKind::Favorites, "Stars")
+        );
         assert_eq!(fav.path, vec![a.collections[1].id, fav.id]);
         assert_eq!(a.collections[1].label, "Personal");
     }

@@ -85,7 +85,10 @@ fn check_len(field: &str, value: &Option<String>, max: usize) -> Result<(), Deco
     match value {
         Some(v) if v.len() > max => Err(DecodeError::new(
             ErrorClass::InvalidField,
-            format!("field `data.{field}` is {} bytes, the limit is {max}", v.len()),
+            format!(
+                "field `data.{field}` is {} bytes, the limit is {max}",
+                v.len()
+            ),
         )),
         _ => Ok(()),
     }
@@ -115,9 +118,10 @@ fn check_list(field: &str, value: &Option<Vec<String>>) -> Result<(), DecodeErro
     Ok(())
 }
 
+/// Identity keys are trimmed: ` auth0` and `auth0` must not become two identities.
 fn required(field: &str, value: Option<String>) -> Result<String, DecodeError> {
     match value {
-        Some(v) if !v.trim().is_empty() => Ok(v),
+        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
         Some(_) => Err(DecodeError::new(
             ErrorClass::InvalidField,
             format!("field `data.{field}` is empty"),
@@ -183,7 +187,10 @@ impl LoginEvent {
             ),
             ("defaultOrganizationSlug", &data.default_organization_slug),
             ("defaultProjectName", &data.default_project_name),
-            ("defaultProjectDisplayName", &data.default_project_display_name),
+            (
+                "defaultProjectDisplayName",
+                &data.default_project_display_name,
+            ),
             ("defaultProjectSlug", &data.default_project_slug),
             (
                 "defaultPersonalCollectionLabel",
@@ -300,7 +307,11 @@ mod tests {
     fn mistyped_fields_name_their_path() {
         let err = decode(r#"{"provider":"p","subject":"s","isEmailVerified":"yes"}"#).unwrap_err();
         assert_eq!(err.class, ErrorClass::InvalidField);
-        assert!(err.reason.contains("data.isEmailVerified"), "{}", err.reason);
+        assert!(
+            err.reason.contains("data.isEmailVerified"),
+            "{}",
+            err.reason
+        );
         let err = decode(r#"{"provider":"p","subject":"s","groups":[1]}"#).unwrap_err();
         assert_eq!(err.class, ErrorClass::InvalidField);
         assert!(err.reason.contains("data.groups"), "{}", err.reason);
@@ -311,8 +322,10 @@ mod tests {
     #[test]
     fn oversized_and_malformed_values_are_rejected() {
         let long = "x".repeat(600);
-        let err = decode(&format!(r#"{{"provider":"p","subject":"s","displayName":"{long}"}}"#))
-            .unwrap_err();
+        let err = decode(&format!(
+            r#"{{"provider":"p","subject":"s","displayName":"{long}"}}"#
+        ))
+        .unwrap_err();
         assert_eq!(err.class, ErrorClass::InvalidField);
         let err = decode(r#"{"provider":"p","subject":"s","email":"not-an-email"}"#).unwrap_err();
         assert_eq!(err.class, ErrorClass::InvalidField);

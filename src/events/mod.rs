@@ -146,9 +146,8 @@ pub fn decode_envelope<'a>(
             "value is empty (a tombstone or an empty message)",
         ));
     }
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        DecodeError::new(ErrorClass::NotJson, format!("value is not UTF-8: {e}"))
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DecodeError::new(ErrorClass::NotJson, format!("value is not UTF-8: {e}")))?;
     let first = text.trim_start().chars().next();
     if first != Some('{') {
         // Either not JSON at all, or JSON that is not an object: tell them apart.
@@ -184,7 +183,9 @@ pub fn decode_envelope<'a>(
     if event_type != expected_type {
         return Err(DecodeError::new(
             ErrorClass::WrongType,
-            format!("CloudEvent type `{event_type}` is not accepted here (expected `{expected_type}`)"),
+            format!(
+                "CloudEvent type `{event_type}` is not accepted here (expected `{expected_type}`)"
+            ),
         ));
     }
     let time = required_string(raw.time, "time", ErrorClass::MissingField)?;
@@ -251,7 +252,9 @@ mod tests {
             ErrorClass::WrongType
         );
         assert_eq!(
-            class_of(br#"{"specversion":"1.0","id":"a","source":"s","type":"auth.login","data":{}}"#),
+            class_of(
+                br#"{"specversion":"1.0","id":"a","source":"s","type":"auth.login","data":{}}"#
+            ),
             ErrorClass::MissingField
         );
         assert_eq!(

@@ -185,10 +185,19 @@ pub fn working_context_view(ctx: &WorkingContextRecord) -> serde_json::Value {
             "children": children,
         })
     }
-    let mut roots: Vec<&CollectionRecord> =
-        ctx.collections.iter().filter(|c| c.path.len() == 1).collect();
+    let mut roots: Vec<&CollectionRecord> = ctx
+        .collections
+        .iter()
+        .filter(|c| c.path.len() == 1)
+        .collect();
     // Stable order: organization first, then personal, then anything else by label.
-    roots.sort_by_key(|c| (c.kind != "organization", c.kind != "personal", c.label.clone()));
+    roots.sort_by_key(|c| {
+        (
+            c.kind != "organization",
+            c.kind != "personal",
+            c.label.clone(),
+        )
+    });
     let tree: Vec<_> = roots
         .into_iter()
         .map(|c| node(c, &ctx.collections))

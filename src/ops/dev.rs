@@ -32,10 +32,12 @@ pub async fn ensure_database(config: &Config) -> anyhow::Result<()> {
         .connect()
         .await
         .context("cannot reach Postgres (database.url)")?;
-    let exists: bool =
-        sqlx::query_scalar!(r#"SELECT EXISTS(SELECT 1 FROM pg_database WHERE datname = $1) AS "e!""#, name)
-            .fetch_one(&mut conn)
-            .await?;
+    let exists: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS(SELECT 1 FROM pg_database WHERE datname = $1) AS "e!""#,
+        name
+    )
+    .fetch_one(&mut conn)
+    .await?;
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         sqlx::raw_sql(&format!("CREATE DATABASE {quoted}"))
@@ -67,7 +69,11 @@ pub fn sample_login(id: &str, provider: &str, subject: &str, data: serde_json::V
     .unwrap_or_default()
 }
 
-pub async fn run(mut config: Config, demo: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    mut config: Config,
+    demo: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let cluster = MockCluster::new(1).context("cannot start the embedded Kafka mock broker")?;
     for topic in config.topics.all() {
         cluster
@@ -89,7 +95,10 @@ pub async fn run(mut config: Config, demo: bool, shutdown: CancellationToken) ->
         config.topics.user_events,
         config.topics.dlq_for(&config.topics.login)
     );
-    println!("  metrics / health: http://{}/metrics  /healthz  /readyz", worker.http_addr);
+    println!(
+        "  metrics / health: http://{}/metrics  /healthz  /readyz",
+        worker.http_addr
+    );
     println!(
         "  publish a login:  kcat -b {} -t {} -P -k 'demo:alice'   (one JSON CloudEvent per line)",
         config.kafka.brokers, config.topics.login
@@ -139,7 +148,9 @@ async fn run_demo(config: &Config, shutdown: &CancellationToken) -> anyhow::Resu
         let value = sample_login(id, provider, subject, data.clone());
         producer
             .send(
-                FutureRecord::to(&config.topics.login).key(&key).payload(&value),
+                FutureRecord::to(&config.topics.login)
+                    .key(&key)
+                    .payload(&value),
                 Duration::from_secs(5),
             )
             .await
@@ -150,7 +161,9 @@ async fn run_demo(config: &Config, shutdown: &CancellationToken) -> anyhow::Resu
     // A message that can never succeed, to show the dead-letter path.
     producer
         .send(
-            FutureRecord::to(&config.topics.login).key("demo:broken").payload("not json"),
+            FutureRecord::to(&config.topics.login)
+                .key("demo:broken")
+                .payload("not json"),
             Duration::from_secs(5),
         )
         .await

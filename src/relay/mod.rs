@@ -78,7 +78,15 @@ pub async fn run(
         }
         tracing::info!("relay is leader");
         metrics.relay_leader.set(1);
-        let result = lead(config, &pool, &producer, &metrics, &mut lock_conn, &shutdown).await;
+        let result = lead(
+            config,
+            &pool,
+            &producer,
+            &metrics,
+            &mut lock_conn,
+            &shutdown,
+        )
+        .await;
         metrics.relay_leader.set(0);
         if let Err(e) = result {
             tracing::warn!(error = %e, "relay lost leadership; campaigning again");

@@ -74,10 +74,7 @@ impl Step for AuthSync {
         let now = Utc::now();
 
         // 1. Inbox: claim each event once; duplicates (in the batch or handled before) skip.
-        let keys: Vec<String> = items
-            .iter()
-            .map(|(m, d)| self.inbox_key(m, d))
-            .collect();
+        let keys: Vec<String> = items.iter().map(|(m, d)| self.inbox_key(m, d)).collect();
         let mut seen = HashSet::new();
         let mut claims = Vec::with_capacity(items.len());
         let mut candidates = Vec::with_capacity(items.len());
@@ -120,7 +117,9 @@ impl Step for AuthSync {
             }
         }
         if !logins.is_empty() {
-            let applied = self.apply_logins(conn, ctx, &logins, now, &mut report).await?;
+            let applied = self
+                .apply_logins(conn, ctx, &logins, now, &mut report)
+                .await?;
             outbox_rows.extend(self.results(conn, ctx, &applied).await?);
         }
         let dead = report.dead_lettered_total();
@@ -317,7 +316,11 @@ impl AuthSync {
             let uid = a.user.id;
             let user_view = results::user_view(
                 &a.user,
-                views.emails.get(&uid).map(Vec::as_slice).unwrap_or_default(),
+                views
+                    .emails
+                    .get(&uid)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
                 views
                     .identities
                     .get(&uid)
@@ -345,7 +348,12 @@ impl AuthSync {
                     cause,
                     uid,
                     time,
-                    results::signed_up_data(&a.event.provider, &a.event.subject, user_view, wc_view),
+                    results::signed_up_data(
+                        &a.event.provider,
+                        &a.event.subject,
+                        user_view,
+                        wc_view,
+                    ),
                 ));
             }
             if !reasons.is_empty() {

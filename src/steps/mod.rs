@@ -164,7 +164,10 @@ pub async fn run_batch<S: Step>(
     let mut tx = pool.begin().await?;
     for item in &items {
         let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
-        match step.apply(&mut savepoint, ctx, std::slice::from_ref(item)).await {
+        match step
+            .apply(&mut savepoint, ctx, std::slice::from_ref(item))
+            .await
+        {
             Ok(r) => {
                 savepoint.commit().await?;
                 report.absorb(r);

@@ -62,8 +62,10 @@ pub async fn insert(conn: &mut PgConnection, messages: &[NewMessage]) -> Result<
     let keys: Vec<Option<Vec<u8>>> = messages.iter().map(|m| m.key.clone()).collect();
     let types: Vec<&str> = messages.iter().map(|m| m.event_type.as_str()).collect();
     let payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.payload.clone()).collect();
-    let headers: Vec<serde_json::Value> =
-        messages.iter().map(|m| encode_headers(&m.headers)).collect();
+    let headers: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| encode_headers(&m.headers))
+        .collect();
     let result = sqlx::query!(
         r#"
         INSERT INTO outbox (event_id, topic, message_key, event_type, payload, headers)

@@ -20,7 +20,8 @@ pub async fn claim_identities(
     let users: Vec<Uuid> = plans.iter().map(|p| p.user.id).collect();
     let emails: Vec<Option<&str>> = plans.iter().map(|p| p.user.email.as_deref()).collect();
     let verified: Vec<bool> = plans.iter().map(|p| p.user.email_verified).collect();
-    let groups: Vec<serde_json::Value> = plans.iter().map(|p| serde_json::json!(p.groups)).collect();
+    let groups: Vec<serde_json::Value> =
+        plans.iter().map(|p| serde_json::json!(p.groups)).collect();
     let at: Vec<chrono::DateTime<chrono::Utc>> =
         plans.iter().map(|p| p.user.last_login_at).collect();
     let rows = sqlx::query!(
@@ -53,11 +54,19 @@ pub async fn create(conn: &mut PgConnection, plans: &[&SignupPlan]) -> Result<()
     }
     let ids: Vec<Uuid> = plans.iter().map(|p| p.user.id).collect();
     let emails: Vec<Option<&str>> = plans.iter().map(|p| p.user.email.as_deref()).collect();
-    let names: Vec<Option<&str>> = plans.iter().map(|p| p.user.display_name.as_deref()).collect();
-    let pictures: Vec<Option<&str>> =
-        plans.iter().map(|p| p.user.auth_picture_url.as_deref()).collect();
+    let names: Vec<Option<&str>> = plans
+        .iter()
+        .map(|p| p.user.display_name.as_deref())
+        .collect();
+    let pictures: Vec<Option<&str>> = plans
+        .iter()
+        .map(|p| p.user.auth_picture_url.as_deref())
+        .collect();
     let given: Vec<Option<&str>> = plans.iter().map(|p| p.user.given_name.as_deref()).collect();
-    let family: Vec<Option<&str>> = plans.iter().map(|p| p.user.family_name.as_deref()).collect();
+    let family: Vec<Option<&str>> = plans
+        .iter()
+        .map(|p| p.user.family_name.as_deref())
+        .collect();
     let locales: Vec<Option<&str>> = plans.iter().map(|p| p.user.locale.as_deref()).collect();
     let variants: Vec<serde_json::Value> = plans
         .iter()

@@ -78,9 +78,14 @@ pub async fn write(conn: &mut PgConnection, users: &[&UserRecord]) -> Result<(),
     }
     let ids: Vec<Uuid> = users.iter().map(|u| u.id).collect();
     let emails: Vec<Option<&str>> = users.iter().map(|u| u.email.as_deref()).collect();
-    let auth_names: Vec<Option<&str>> =
-        users.iter().map(|u| u.auth_display_name.as_deref()).collect();
-    let pictures: Vec<Option<&str>> = users.iter().map(|u| u.auth_picture_url.as_deref()).collect();
+    let auth_names: Vec<Option<&str>> = users
+        .iter()
+        .map(|u| u.auth_display_name.as_deref())
+        .collect();
+    let pictures: Vec<Option<&str>> = users
+        .iter()
+        .map(|u| u.auth_picture_url.as_deref())
+        .collect();
     let given: Vec<Option<&str>> = users.iter().map(|u| u.given_name.as_deref()).collect();
     let family: Vec<Option<&str>> = users.iter().map(|u| u.family_name.as_deref()).collect();
     let locales: Vec<Option<&str>> = users.iter().map(|u| u.locale.as_deref()).collect();
@@ -140,7 +145,10 @@ pub struct EmailState {
 
 /// Adds addresses and records (un)verification; a verified address keeps its first
 /// verification time. `emails` must not repeat a (user, email).
-pub async fn upsert_emails(conn: &mut PgConnection, emails: &[EmailState]) -> Result<(), sqlx::Error> {
+pub async fn upsert_emails(
+    conn: &mut PgConnection,
+    emails: &[EmailState],
+) -> Result<(), sqlx::Error> {
     if emails.is_empty() {
         return Ok(());
     }

@@ -27,11 +27,15 @@ pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, 
     .fetch_all(&mut *conn)
     .await?;
     for r in emails {
-        views.emails.entry(r.user_id).or_default().push(EmailRecord {
-            email: r.email,
-            email_type: r.email_type,
-            verified_at: r.verified_at,
-        });
+        views
+            .emails
+            .entry(r.user_id)
+            .or_default()
+            .push(EmailRecord {
+                email: r.email,
+                email_type: r.email_type,
+                verified_at: r.verified_at,
+            });
     }
     let identities = sqlx::query!(
         r#"SELECT user_id, provider, subject, created_at FROM external_identities

@@ -1,0 +1,9 @@
+//! Integration tests: one binary, real Postgres, the Kafka protocol (librdkafka's mock
+//! broker in process; a real broker process for `real_broker` when one is configured).
+
+mod auth_sync;
+mod dead_letters;
+mod helpers;
+mod real_broker;
+mod relay;
+mod runtime;

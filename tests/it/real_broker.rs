@@ -1,0 +1,1 @@
+//! End to end through the real `authsync` binary against a Kafka-compatible broker process.

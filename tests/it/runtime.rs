@@ -1,0 +1,212 @@
+//! Process behaviour: HTTP endpoints, graceful shutdown, transient failures, start-up errors.
+
+use std::time::Duration;
+
+use authsync::app::{self, RunOptions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_report_health_readiness_and_metrics() {
+    let mut h = Harness::new().await;
+    h.start().await;
+    let addr = h.worker().http_addr;
+    h.produce(
+        "p:m",
+        &login(
+            "m1",
+            "2026-05-01T10:00:00Z",
+            json!({"provider": "p", "subject": "m"}),
+        ),
+    )
+    .await;
+    h.produce("p:m", b"garbage").await;
+    h.wait_handled(2).await;
+    h.wait_published().await;
+
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready"));
+    let (status, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for needle in [
+        "authsync_messages_consumed_total{topic=\"auth.login.v1\"} 2",
+        "authsync_messages_processed_total{outcome=\"signed_up\",topic=\"auth.login.v1\"} 1",
+        "authsync_messages_processed_total{outcome=\"dead_lettered\",topic=\"auth.login.v1\"} 1",
+        "authsync_dead_lettered_total{class=\"not_json\",topic=\"auth.login.v1\"} 1",
+        "authsync_batch_duration_seconds_bucket",
+        "authsync_outbox_backlog",
+        "authsync_relay_leader 1",
+        "authsync_relay_published_total",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+    h.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.stop().await;
+}
+
+/// SIGTERM mid-stream: the worker drains, commits and exits cleanly; a restart continues
+/// where it stopped, with nothing applied or announced twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_commits_and_restart_continues_exactly_once() {
+    let mut h = Harness::with(|c| c.consumer.batch_size = 20).await;
+    h.start().await;
+    let total = 300;
+    let send = |i: i64| {
+        login(
+            &format!("s-{i}"),
+            &format!("2026-05-01T10:{:02}:{:02}Z", i / 60, i % 60),
+            json!({"provider": "p", "subject": format!("u{}", i % 40)}),
+        )
+    };
+    for i in 0..150 {
+        h.produce(&format!("p:u{}", i % 40), &send(i)).await;
+    }
+    h.wait_handled(20).await;
+    // Stop while messages are still flowing in.
+    h.shutdown.cancel();
+    for i in 150..total {
+        h.produce(&format!("p:u{}", i % 40), &send(i)).await;
+    }
+    h.stop().await;
+    let handled_at_stop = h.db.count("SELECT count(*) FROM inbox").await;
+    assert!(handled_at_stop >= 20 && handled_at_stop <= total);
+    h.start().await;
+    h.wait_handled(total).await;
+    h.wait_published().await;
+    let duplicates = h
+        .worker()
+        .metrics
+        .duplicates
+        .with_label_values(&[&h.config.topics.login])
+        .get();
+    h.stop().await;
+    assert_eq!(
+        duplicates, 0,
+        "committed offsets covered everything applied before the stop"
+    );
+    assert_eq!(h.db.count("SELECT count(*) FROM users").await, 40);
+    assert_eq!(
+        h.db.count("SELECT sum(login_count)::int8 FROM users").await,
+        total
+    );
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox WHERE event_type = 'user.synced'")
+            .await,
+        total
+    );
+}
+
+/// Connections killed under the worker: the batch retries with backoff, nothing is lost,
+/// nothing is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_database_failures_are_retried_without_loss() {
+    let mut h = Harness::new().await;
+    h.start().await;
+    h.produce(
+        "p:t-first",
+        &login(
+            "t-first",
+            "2026-05-01T10:00:00Z",
+            json!({"provider": "p", "subject": "first"}),
+        ),
+    )
+    .await;
+    h.wait_handled(1).await;
+    let killer = {
+        let (db_name, admin) = (h.db.name.clone(), admin_url());
+        tokio::spawn(async move {
+            let pool = sqlx::PgPool::connect(&admin).await.expect("admin");
+            let until = tokio::time::Instant::now() + Duration::from_secs(3);
+            while tokio::time::Instant::now() < until {
+                let _ = sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name = 'authsync' AND pid <> pg_backend_pid()",
+                )
+                .bind(&db_name)
+                .execute(&pool)
+                .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    for i in 0..30 {
+        h.produce(
+            &format!("p:t{i}"),
+            &login(
+                &format!("t-{i}"),
+                "2026-05-01T10:00:00Z",
+                json!({"provider": "p", "subject": format!("t{i}")}),
+            ),
+        )
+        .await;
+    }
+    killer.await.expect("killer");
+    h.wait_handled(31).await;
+    h.wait_published().await;
+    let retries = h.worker().metrics.batch_retries.get();
+    h.stop().await;
+    assert!(retries > 0, "the outage caused retries");
+    assert_eq!(h.db.count("SELECT count(*) FROM users").await, 31);
+    assert_eq!(h.db.count("SELECT count(*) FROM outbox").await, 62);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topics_are_named_at_start_up() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("cluster");
+    let db = TestDb::new().await;
+    let config = test_config(&cluster.bootstrap_servers(), &db.url);
+    cluster
+        .create_topic(&config.topics.login, 1, 1)
+        .expect("topic");
+    let err = app::start(config, RunOptions::default(), CancellationToken::new())
+        .await
+        .err()
+        .expect("start-up refuses")
+        .to_string();
+    assert!(
+        err.contains("auth.user-events.v1")
+            && err.contains("auth.login.v1.dlq")
+            && err.contains("--create-topics"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("auth.login.v1,"),
+        "present topics are not listed: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmigrated_database_is_refused_at_start_up() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("cluster");
+    let db = TestDb::new().await;
+    sqlx::raw_sql("DROP TABLE _sqlx_migrations")
+        .execute(&db.pool)
+        .await
+        .expect("drop");
+    let config = test_config(&cluster.bootstrap_servers(), &db.url);
+    let err = app::start(config, RunOptions::default(), CancellationToken::new())
+        .await
+        .err()
+        .expect("start-up refuses")
+        .to_string();
+    assert!(err.contains("authsync migrate"), "{err}");
+}
+
+#[test]
+fn bad_setting_stops_the_binary_with_a_message_naming_it() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_authsync"))
+        .arg("config")
+        .env("AUTHSYNC_CONSUMER_MAX_MESSAGE_BYTES", "12")
+        .output()
+        .expect("run binary");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("consumer.max_message_bytes"), "{stderr}");
+}
