@@ -346,17 +346,14 @@ impl Config {
             }
         }
         for (key, value) in overrides {
-            // Values are parsed like TOML values where possible (numbers, booleans) and fall
-            // back to strings, the same as figment's own Env provider.
-            let value: figment::value::Value = value
-                .parse()
-                .unwrap_or_else(|_| figment::value::Value::from(value));
+            // Kept as strings; `extract_lossy` converts "42" / "true" where the field wants a
+            // number or a boolean, and leaves `AUTHSYNC_KAFKA_GROUP_ID=12345` a string.
             figment = figment.merge(Serialized::global(&key, value));
         }
         if !properties.is_empty() {
             figment = figment.merge(Serialized::global("kafka.properties", properties));
         }
-        let config: Config = figment.extract().map_err(|e| {
+        let config: Config = figment.extract_lossy().map_err(|e| {
             let field = e.path.join(".");
             if field.is_empty() {
                 ConfigError::Load(e.to_string())
@@ -513,10 +510,17 @@ mod tests {
                 ("AUTHSYNC_CONSUMER_BATCH_SIZE", "42"),
                 ("DATABASE_URL", "postgres://x@db/app"),
                 ("AUTHSYNC_KAFKA_PROPERTY_SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("AUTHSYNC_KAFKA_GROUP_ID", "12345"),
+                ("AUTHSYNC_RELAY_ENABLED", "false"),
             ]),
         )
         .unwrap();
         assert_eq!(config.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(
+            config.kafka.group_id, "12345",
+            "numeric-looking strings stay strings"
+        );
+        assert!(!config.relay.enabled);
         assert_eq!(config.consumer.batch_size, 42);
         assert_eq!(config.database.url.expose(), "postgres://x@db/app");
         assert_eq!(

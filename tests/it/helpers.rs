@@ -117,8 +117,12 @@ impl Output {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.value).expect("output is JSON")
     }
+    /// The CloudEvents type; empty for a message that is not JSON (a dead letter).
     pub fn event_type(&self) -> String {
-        self.json()["type"].as_str().unwrap_or_default().to_string()
+        serde_json::from_slice::<serde_json::Value>(&self.value)
+            .ok()
+            .and_then(|v| v["type"].as_str().map(str::to_string))
+            .unwrap_or_default()
     }
     pub fn header(&self, name: &str) -> String {
         self.headers
