@@ -168,7 +168,7 @@ pub struct ConsumerConfig {
     pub batch_linger_ms: u64,
     /// Largest accepted message value; larger ones are dead-lettered (`too_large`).
     pub max_message_bytes: usize,
-    /// Messages buffered per partition before fetching pauses (back-pressure).
+    /// Messages queued per partition; when full, fetching waits (back-pressure).
     pub partition_buffer: usize,
     /// On shutdown or revocation, how long in-flight batches may take to finish.
     pub drain_timeout_ms: u64,

@@ -7,7 +7,7 @@
 //! (bounded by `consumer.drain_timeout_ms`) and stored offsets are committed synchronously.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,9 +74,7 @@ type PartitionKey = (String, i32);
 
 /// Shared between the fetch loop, the partition's task and the rebalance callback.
 struct PartitionState {
-    queued: AtomicUsize,
     busy: AtomicBool,
-    paused: AtomicBool,
     /// Set on revocation: the task stops after its current batch and drops its queue.
     revoked: AtomicBool,
     /// Cancelled when the task must abandon even its current batch (drain deadline passed).
@@ -250,14 +248,13 @@ struct Worker {
     state: Arc<PartitionState>,
     handler: Arc<dyn BatchHandler>,
     consumer: Arc<PipelineConsumer>,
-    resume: mpsc::UnboundedSender<PartitionKey>,
     config: ConsumerConfig,
     metrics: Metrics,
     health: Arc<Health>,
 }
 
 impl Worker {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<InputMessage>) {
+    async fn run(self, mut rx: mpsc::Receiver<InputMessage>) {
         let linger = Duration::from_millis(self.config.batch_linger_ms);
         loop {
             let first = tokio::select! {
@@ -289,11 +286,6 @@ impl Worker {
             self.state.busy.store(false, Ordering::Release);
             if !applied {
                 break;
-            }
-            let left = self.state.queued.fetch_sub(batch.len(), Ordering::AcqRel) - batch.len();
-            if self.state.paused.load(Ordering::Acquire) && left <= self.config.partition_buffer / 2
-            {
-                let _ = self.resume.send(self.key.clone());
             }
         }
     }
@@ -398,83 +390,70 @@ pub async fn run(
     tracing::info!(?topics, group = %config.kafka.group_id, "consumer started");
     health.consumer_running.store(true, Ordering::Relaxed);
 
-    let (resume_tx, mut resume_rx) = mpsc::unbounded_channel::<PartitionKey>();
-    let mut senders: HashMap<PartitionKey, mpsc::UnboundedSender<InputMessage>> = HashMap::new();
+    let mut senders: HashMap<PartitionKey, mpsc::Sender<InputMessage>> = HashMap::new();
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let hard_abort = CancellationToken::new();
 
-    loop {
-        tokio::select! {
+    'fetch: loop {
+        let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some(key) = resume_rx.recv() => {
-                if let Some(state) = partitions.get(&key) {
-                    if state.paused.swap(false, Ordering::AcqRel) {
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(&key.0, key.1);
-                        if let Err(e) = consumer.resume(&tpl) {
-                            tracing::warn!(error = %e, "could not resume partition");
-                        }
-                    }
+            received = consumer.recv() => received,
+        };
+        let message = match received {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "Kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let input = to_input(&message);
+        drop(message);
+        metrics.consumed.with_label_values(&[&input.topic]).inc();
+        let key: PartitionKey = (input.topic.clone(), input.partition);
+        let live =
+            partitions.get(&key).is_some() && senders.get(&key).is_some_and(|s| !s.is_closed());
+        if !live {
+            // A partition seen for the first time since its assignment.
+            let Some(handler) = handlers.get(&key.0).cloned() else {
+                continue;
+            };
+            let state = Arc::new(PartitionState {
+                busy: AtomicBool::new(false),
+                revoked: AtomicBool::new(false),
+                abort: hard_abort.child_token(),
+            });
+            partitions.insert(key.clone(), state.clone());
+            let (tx, rx) = mpsc::channel(config.consumer.partition_buffer);
+            senders.insert(key.clone(), tx);
+            let worker = Worker {
+                key: key.clone(),
+                state,
+                handler,
+                consumer: consumer.clone(),
+                config: config.consumer.clone(),
+                metrics: metrics.clone(),
+                health: health.clone(),
+            };
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(tokio::spawn(worker.run(rx)));
+        }
+        let Some(tx) = senders.get(&key) else {
+            continue;
+        };
+        // Back-pressure: a full partition queue makes the fetch loop wait (librdkafka stops
+        // fetching once its own pre-fetch queue is full). Shutdown still interrupts.
+        match tx.try_send(input) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'fetch,
+                    _ = tx.send(input) => {}
                 }
             }
-            received = consumer.recv() => {
-                let message = match received {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Kafka consumer error");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let input = to_input(&message);
-                drop(message);
-                metrics.consumed.with_label_values(&[&input.topic]).inc();
-                let key: PartitionKey = (input.topic.clone(), input.partition);
-                let state = match partitions.get(&key) {
-                    Some(state) if senders.get(&key).is_some_and(|s| !s.is_closed()) => state,
-                    _ => {
-                        // A partition seen for the first time since its assignment.
-                        let Some(handler) = handlers.get(&key.0).cloned() else {
-                            continue;
-                        };
-                        let state = Arc::new(PartitionState {
-                            queued: AtomicUsize::new(0),
-                            busy: AtomicBool::new(false),
-                            paused: AtomicBool::new(false),
-                            revoked: AtomicBool::new(false),
-                            abort: hard_abort.child_token(),
-                        });
-                        partitions.insert(key.clone(), state.clone());
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        senders.insert(key.clone(), tx);
-                        let worker = Worker {
-                            key: key.clone(),
-                            state: state.clone(),
-                            handler,
-                            consumer: consumer.clone(),
-                            resume: resume_tx.clone(),
-                            config: config.consumer.clone(),
-                            metrics: metrics.clone(),
-                            health: health.clone(),
-                        };
-                        tasks.retain(|t| !t.is_finished());
-                        tasks.push(tokio::spawn(worker.run(rx)));
-                        state
-                    }
-                };
-                let queued = state.queued.fetch_add(1, Ordering::AcqRel) + 1;
-                if let Some(tx) = senders.get(&key) {
-                    let _ = tx.send(input);
-                }
-                if queued >= config.consumer.partition_buffer && !state.paused.swap(true, Ordering::AcqRel) {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&key.0, key.1);
-                    if let Err(e) = consumer.pause(&tpl) {
-                        tracing::warn!(error = %e, "could not pause partition");
-                    }
-                }
-            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 

@@ -157,6 +157,47 @@ async fn transient_database_failures_are_retried_without_loss() {
     assert_eq!(h.db.count("SELECT count(*) FROM outbox").await, 62);
 }
 
+/// Tiny queues and batches: the fetch loop keeps hitting full partition queues and must
+/// neither lose nor reorder anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_partition_queues_apply_back_pressure_without_loss() {
+    let mut h = Harness::with(|c| {
+        c.consumer.batch_size = 3;
+        c.consumer.partition_buffer = 3;
+    })
+    .await;
+    for i in 0..400 {
+        h.produce(
+            &format!("p:q{}", i % 7),
+            &login(
+                &format!("q-{i}"),
+                &format!("2026-05-01T10:{:02}:{:02}Z", i / 60, i % 60),
+                json!({"provider": "p", "subject": format!("q{}", i % 7), "displayName": format!("n{i}")}),
+            ),
+        )
+        .await;
+    }
+    h.start().await;
+    h.wait_handled(400).await;
+    h.stop().await;
+    assert_eq!(
+        h.db.count("SELECT sum(login_count)::int8 FROM users").await,
+        400
+    );
+    // Per identity, the last event (the newest) won: order was kept.
+    for q in 0..7 {
+        let last = (0..400).filter(|i| i % 7 == q).max().unwrap_or_default();
+        let name: String = sqlx::query_scalar(
+            "SELECT u.auth_display_name FROM users u JOIN external_identities e ON e.user_id = u.id WHERE e.subject = $1",
+        )
+        .bind(format!("q{q}"))
+        .fetch_one(&h.db.pool)
+        .await
+        .expect("user");
+        assert_eq!(name, format!("n{last}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_topics_are_named_at_start_up() {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("cluster");

@@ -1,0 +1,800 @@
+//! authsync-bench: how fast is the pipeline against this machine's ceiling?
+//!
+//! `cargo run --release --bin authsync-bench -- <scenario> [--events N]`
+//!
+//! Each scenario gets a fresh database and fresh topics, drives the real `authsync` binary
+//! (a subprocess, so its peak RSS is its own) over the Kafka protocol of a broker process
+//! (tansu, started here when `--brokers` is not given), and in the same run measures the
+//! ceiling: the same SQL per event, batched the same way (the `run_batch` step with the
+//! same batch size and one task per partition), executed directly against Postgres. It
+//! prints one JSON line per scenario.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use authsync::config::{Config, Secret};
+use authsync::relay;
+use authsync::steps::auth_sync::AuthSync;
+use authsync::steps::{run_batch, InputMessage, StepContext};
+use authsync::store;
+use clap::Parser;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+#[derive(Parser)]
+#[command(about = "Benchmark authsync against the machine's ceiling")]
+struct Args {
+    /// returning | signup | latency | replay | relay | all
+    scenario: String,
+    /// Events for the scenario (defaults: returning 200000, signup 50000, replay 200000,
+    /// relay 200000, latency 60000 = 1000/s for 60 s).
+    #[arg(long)]
+    events: Option<usize>,
+    /// Kafka brokers; when absent a tansu broker is started on a free port.
+    #[arg(long, env = "AUTHSYNC_BENCH_BROKERS")]
+    brokers: Option<String>,
+    /// Postgres URL with rights to create databases.
+    #[arg(
+        long,
+        env = "AUTHSYNC_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Partitions of the input topic (= concurrent batches).
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// consumer.batch_size for both the pipeline and the ceiling.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+}
+
+struct Bench {
+    args: Args,
+    brokers: String,
+    authsync_bin: std::path::PathBuf,
+}
+
+struct Db {
+    name: String,
+    url: String,
+    pool: PgPool,
+    admin: String,
+}
+
+impl Db {
+    async fn create(admin: &str) -> anyhow::Result<Self> {
+        let name = format!("authsync_bench_{}", uuid::Uuid::new_v4().simple());
+        let admin_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin)
+            .await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&admin_pool)
+            .await?;
+        admin_pool.close().await;
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
+        let url = format!("{base}/{name}");
+        let pool = PgPoolOptions::new()
+            .max_connections(12)
+            .connect(&url)
+            .await?;
+        store::migrate(&pool).await?;
+        Ok(Self {
+            name,
+            url,
+            pool,
+            admin: admin.to_string(),
+        })
+    }
+
+    async fn drop(self) {
+        self.pool.close().await;
+        if let Ok(admin) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.admin)
+            .await
+        {
+            let _ = sqlx::raw_sql(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&admin)
+            .await;
+        }
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn login_value(id: &str, subject: usize, minute: usize, variant: usize, now: &str) -> Vec<u8> {
+    let _ = minute;
+    serde_json::to_vec(&serde_json::json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "authsync-bench",
+        "type": "auth.login",
+        "time": now,
+        "data": {
+            "provider": "bench",
+            "subject": format!("user-{subject}"),
+            "email": format!("user-{subject}@bench.example"),
+            "isEmailVerified": true,
+            "displayName": format!("User {subject} v{variant}"),
+            "locale": "en-US",
+            "deviceID": format!("device-{}", subject % 3),
+            "userAgent": "bench/1.0",
+            "groups": ["staff"],
+        }
+    }))
+    .unwrap_or_default()
+}
+
+fn time_at(offset_ms: i64) -> String {
+    (chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| chrono::Utc::now())
+        + chrono::Duration::milliseconds(offset_ms))
+    .to_rfc3339()
+}
+
+/// `n` logins over `users` identities; `round` shifts ids and times so rounds differ.
+fn logins(prefix: &str, users: usize, n: usize, round: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let subject = i % users;
+            let seq = round * n + i;
+            let id = format!("{prefix}-{seq}");
+            // Every 10th returning login changes the display name (a profile update).
+            let variant = if round == 0 {
+                0
+            } else {
+                usize::from(i % 10 == 0) * seq
+            };
+            (
+                format!("bench:user-{subject}"),
+                login_value(&id, subject, 0, variant, &time_at(seq as i64)),
+            )
+        })
+        .collect()
+}
+
+impl Bench {
+    fn config(&self, db: &Db, suffix: &str, http_port: u16) -> Config {
+        let mut c = Config::default();
+        c.kafka.brokers = self.brokers.clone();
+        c.kafka.group_id = format!("bench-{suffix}");
+        c.database.url = Secret::new(db.url.clone());
+        c.topics.login = format!("bench.login.{suffix}");
+        c.topics.user_events = format!("bench.user-events.{suffix}");
+        c.topics.partitions = self.args.partitions;
+        c.consumer.batch_size = self.args.batch_size;
+        c.http.listen = format!("127.0.0.1:{http_port}")
+            .parse()
+            .unwrap_or(c.http.listen);
+        c
+    }
+
+    async fn create_topics(&self, config: &Config) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()?;
+        let names = config.topics.all();
+        // Dead-letter topics need no parallelism.
+        let topics: Vec<NewTopic> = names
+            .iter()
+            .map(|t| {
+                let partitions = if t.ends_with(".dlq") {
+                    1
+                } else {
+                    self.args.partitions
+                };
+                NewTopic::new(t, partitions, TopicReplication::Fixed(1))
+            })
+            .collect();
+        for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
+            if let Err((name, code)) = r {
+                bail!("create topic {name}: {code}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn produce(&self, topic: &str, messages: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("compression.type", "lz4")
+            .create()?;
+        for chunk in messages.chunks(20_000) {
+            let futures: Vec<_> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    producer
+                        .send_result(FutureRecord::to(topic).key(k).payload(v))
+                        .map_err(|(e, _)| e)
+                })
+                .collect();
+            for f in futures {
+                match f {
+                    Ok(d) => {
+                        d.await?.map_err(|(e, _)| e)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_worker(&self, config: &Config) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(&self.authsync_bin);
+        cmd.arg("run")
+            .env("AUTHSYNC_KAFKA_BROKERS", &config.kafka.brokers)
+            .env("AUTHSYNC_KAFKA_GROUP_ID", &config.kafka.group_id)
+            .env("AUTHSYNC_DATABASE_URL", config.database.url.expose())
+            .env("AUTHSYNC_TOPICS_LOGIN", &config.topics.login)
+            .env("AUTHSYNC_TOPICS_USER_EVENTS", &config.topics.user_events)
+            .env(
+                "AUTHSYNC_CONSUMER_BATCH_SIZE",
+                config.consumer.batch_size.to_string(),
+            )
+            .env("AUTHSYNC_HTTP_LISTEN", config.http.listen.to_string())
+            .env(
+                "AUTHSYNC_LOG_LEVEL",
+                std::env::var("AUTHSYNC_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd.spawn().context("spawn authsync")
+    }
+
+    /// Runs the worker over what the topic holds until `processed` messages are handled
+    /// and the outbox is drained; returns (seconds from first fetch, peak RSS bytes).
+    async fn run_pipeline(
+        &self,
+        config: &Config,
+        db: &Db,
+        processed: u64,
+    ) -> anyhow::Result<(f64, u64)> {
+        let mut child = self.spawn_worker(config)?;
+        let pid = child.id();
+        let addr = config.http.listen;
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        let mut t0: Option<Instant> = None;
+        let done;
+        loop {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("pipeline did not finish");
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("authsync exited early: {status}");
+            }
+            if let Some(m) = scrape(addr).await {
+                let consumed = sum_metric(&m, "authsync_messages_consumed_total");
+                let handled = sum_metric(&m, "authsync_messages_processed_total");
+                if t0.is_none() && consumed > 0.0 {
+                    t0 = Some(Instant::now());
+                }
+                if handled as u64 >= processed
+                    && db
+                        .count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                        .await
+                        == 0
+                {
+                    done = Instant::now();
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rss = peak_rss(pid);
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        let secs = done.duration_since(t0.unwrap_or(done)).as_secs_f64();
+        Ok((secs, rss))
+    }
+
+    fn ctx(config: &Config) -> StepContext {
+        StepContext {
+            consumer_group: config.kafka.group_id.clone(),
+            topics: config.topics.clone(),
+            provisioning: config.provisioning.clone(),
+            max_message_bytes: config.consumer.max_message_bytes,
+        }
+    }
+
+    /// The ceiling: the same step, same batches, one task per partition, no Kafka.
+    async fn ceiling(
+        &self,
+        pool: &PgPool,
+        config: &Config,
+        messages: &[(String, Vec<u8>)],
+    ) -> anyhow::Result<f64> {
+        let ctx = Arc::new(Self::ctx(config));
+        let partitions = self.args.partitions as usize;
+        let mut per_partition: Vec<Vec<InputMessage>> = vec![Vec::new(); partitions];
+        for (i, (key, value)) in messages.iter().enumerate() {
+            let p = partition_of(key, partitions);
+            per_partition[p].push(InputMessage {
+                topic: config.topics.login.clone(),
+                partition: p as i32,
+                offset: i as i64,
+                key: Some(key.as_bytes().to_vec()),
+                value: Some(value.clone()),
+                headers: vec![],
+            });
+        }
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for batch_list in per_partition {
+            let (pool, ctx, size) = (pool.clone(), ctx.clone(), self.args.batch_size);
+            tasks.push(tokio::spawn(async move {
+                for batch in batch_list.chunks(size) {
+                    loop {
+                        match run_batch(&pool, &ctx, &AuthSync, batch).await {
+                            Ok(_) => break,
+                            Err(e) if e.is_retryable() => continue,
+                            Err(e) => return Err(anyhow::anyhow!(e)),
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+}
+
+fn partition_of(key: &str, partitions: usize) -> usize {
+    // Any stable spread will do for the ceiling; it only needs the same per-key grouping.
+    let mut h: u64 = 1469598103934665603;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(1099511628211);
+    }
+    (h % partitions as u64) as usize
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    Some(buf)
+}
+
+fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+async fn percentiles(db: &Db, event_type: &str) -> (f64, f64) {
+    sqlx::query_as::<_, (Option<f64>, Option<f64>)>(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+         FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS ms FROM outbox
+               WHERE event_type = $1 AND published_at IS NOT NULL) x",
+    )
+    .bind(event_type)
+    .fetch_one(&db.pool)
+    .await
+    .map(|(a, b)| (a.unwrap_or(0.0), b.unwrap_or(0.0)))
+    .unwrap_or((0.0, 0.0))
+}
+
+/// One scenario's result line.
+struct Report {
+    scenario: &'static str,
+    events: usize,
+    secs: f64,
+    ceiling_secs: Option<f64>,
+    p50: f64,
+    p99: f64,
+    rss: u64,
+    extra: serde_json::Value,
+}
+
+impl Report {
+    fn print(&self) {
+        let eps = self.events as f64 / self.secs.max(1e-9);
+        let ceiling_eps = self.ceiling_secs.map(|c| self.events as f64 / c.max(1e-9));
+        let mut v = serde_json::json!({
+            "scenario": self.scenario,
+            "events": self.events,
+            "seconds": (self.secs * 1000.0).round() / 1000.0,
+            "events_per_s": eps.round(),
+            "ceiling_events_per_s": ceiling_eps.map(f64::round),
+            "ratio": ceiling_eps.map(|c| ((eps / c) * 1000.0).round() / 1000.0),
+            "p50_ms": (self.p50 * 10.0).round() / 10.0,
+            "p99_ms": (self.p99 * 10.0).round() / 10.0,
+            "peak_rss_mib": ((self.rss as f64 / 1048576.0) * 10.0).round() / 10.0,
+        });
+        if let (Some(obj), Some(extra)) = (v.as_object_mut(), self.extra.as_object()) {
+            for (k, val) in extra {
+                obj.insert(k.clone(), val.clone());
+            }
+        }
+        println!("{v}");
+    }
+}
+
+impl Bench {
+    /// Sign up `users`, then measure `n` returning logins (pipeline vs ceiling).
+    async fn returning(&self, n: usize) -> anyhow::Result<()> {
+        let users = (n / 10).max(1);
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let signups = logins(&format!("r-{suffix}"), users, users, 0);
+        let returning = logins(&format!("r-{suffix}"), users, n, 1);
+
+        // Ceiling first, on its own database.
+        let cdb = Db::create(&self.args.database_url).await?;
+        let config = self.config(&cdb, &suffix, 0);
+        progress("returning: ceiling (sign-ups)");
+        self.ceiling(&cdb.pool, &config, &signups).await?;
+        progress("returning: ceiling (returning logins)");
+        let ceiling = self.ceiling(&cdb.pool, &config, &returning).await?;
+        cdb.drop().await;
+
+        let db = Db::create(&self.args.database_url).await?;
+        let config = self.config(&db, &suffix, free_port()?);
+        progress("returning: topics");
+        self.create_topics(&config).await?;
+        progress("returning: producing sign-ups");
+        self.produce(&config.topics.login, &signups).await?;
+        progress("returning: pipeline (sign-ups)");
+        self.run_pipeline(&config, &db, users as u64).await?;
+        progress("returning: producing returning logins");
+        sqlx::raw_sql("TRUNCATE outbox").execute(&db.pool).await?;
+        self.produce(&config.topics.login, &returning).await?;
+        progress("returning: pipeline (returning logins)");
+        let (secs, rss) = self.run_pipeline(&config, &db, n as u64).await?;
+        let (p50, p99) = percentiles(&db, "user.synced").await;
+        Report {
+            scenario: "returning",
+            events: n,
+            secs,
+            ceiling_secs: Some(ceiling),
+            p50,
+            p99,
+            rss,
+            extra: serde_json::json!({"users": users, "latency": "tx start -> published"}),
+        }
+        .print();
+        db.drop().await;
+        Ok(())
+    }
+
+    async fn signup(&self, n: usize) -> anyhow::Result<()> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let signups = logins(&format!("s-{suffix}"), n, n, 0);
+        let cdb = Db::create(&self.args.database_url).await?;
+        let config = self.config(&cdb, &suffix, 0);
+        let ceiling = self.ceiling(&cdb.pool, &config, &signups).await?;
+        cdb.drop().await;
+
+        let db = Db::create(&self.args.database_url).await?;
+        let config = self.config(&db, &suffix, free_port()?);
+        self.create_topics(&config).await?;
+        self.produce(&config.topics.login, &signups).await?;
+        progress("signup: pipeline");
+        let (secs, rss) = self.run_pipeline(&config, &db, n as u64).await?;
+        let (p50, p99) = percentiles(&db, "user.signed_up").await;
+        Report {
+            scenario: "signup",
+            events: n,
+            secs,
+            ceiling_secs: Some(ceiling),
+            p50,
+            p99,
+            rss,
+            extra: serde_json::json!({"latency": "tx start -> published"}),
+        }
+        .print();
+        db.drop().await;
+        Ok(())
+    }
+
+    async fn replay(&self, n: usize) -> anyhow::Result<()> {
+        let users = (n / 10).max(1);
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let events = logins(&format!("p-{suffix}"), users, n, 0);
+        let cdb = Db::create(&self.args.database_url).await?;
+        let config = self.config(&cdb, &suffix, 0);
+        self.ceiling(&cdb.pool, &config, &events).await?;
+        let ceiling = self.ceiling(&cdb.pool, &config, &events).await?; // all duplicates
+        cdb.drop().await;
+
+        let db = Db::create(&self.args.database_url).await?;
+        let config = self.config(&db, &suffix, free_port()?);
+        self.create_topics(&config).await?;
+        self.produce(&config.topics.login, &events).await?;
+        progress("replay: first pass");
+        self.run_pipeline(&config, &db, n as u64).await?;
+        // Re-deliver everything: the same events again (what a rewind re-reads).
+        progress("replay: re-delivering");
+        self.produce(&config.topics.login, &events).await?;
+        let (secs, rss) = self.run_pipeline(&config, &db, n as u64).await?;
+        Report {
+            scenario: "replay",
+            events: n,
+            secs,
+            ceiling_secs: Some(ceiling),
+            p50: 0.0,
+            p99: 0.0,
+            rss,
+            extra: serde_json::json!({}),
+        }
+        .print();
+        db.drop().await;
+        Ok(())
+    }
+
+    async fn relay(&self, n: usize) -> anyhow::Result<()> {
+        use authsync::store::outbox::{self, NewMessage};
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let db = Db::create(&self.args.database_url).await?;
+        let config = self.config(&db, &suffix, free_port()?);
+        self.create_topics(&config).await?;
+        let payload = login_value("x", 1, 0, 0, &time_at(0));
+        let rows: Vec<NewMessage> = (0..n)
+            .map(|i| NewMessage {
+                event_id: uuid::Uuid::new_v4(),
+                topic: config.topics.user_events.clone(),
+                key: Some(format!("user-{}", i % 20_000).into_bytes()),
+                event_type: "user.synced".into(),
+                payload: payload.clone(),
+                headers: vec![(
+                    "content-type".into(),
+                    b"application/cloudevents+json".to_vec(),
+                )],
+            })
+            .collect();
+        // Ceiling: the same messages straight to Kafka with the same producer settings.
+        let producer = relay::producer(&config)?;
+        let started = Instant::now();
+        for chunk in rows.chunks(config.relay.batch_size as usize) {
+            let futures: Vec<_> = chunk
+                .iter()
+                .filter_map(|r| {
+                    producer
+                        .send_result(
+                            FutureRecord::to(&r.topic)
+                                .key(r.key.as_deref().unwrap_or_default())
+                                .payload(r.payload.as_slice()),
+                        )
+                        .ok()
+                })
+                .collect();
+            for f in futures {
+                let _ = f.await;
+            }
+        }
+        let ceiling = started.elapsed().as_secs_f64();
+        drop(producer);
+
+        for chunk in rows.chunks(5_000) {
+            let mut conn = db.pool.acquire().await?;
+            outbox::insert(&mut conn, chunk).await?;
+        }
+        // A worker with nothing to consume: only its relay works.
+        progress("relay: publishing");
+        let (secs, rss) = self.run_pipeline(&config, &db, 0).await?;
+        Report {
+            scenario: "relay",
+            events: n,
+            secs,
+            ceiling_secs: Some(ceiling),
+            p50: 0.0,
+            p99: 0.0,
+            rss,
+            extra: serde_json::json!({"ceiling": "same producer, no database"}),
+        }
+        .print();
+        db.drop().await;
+        Ok(())
+    }
+
+    /// 1k events/s paced; latency = produce → result event readable on the output topic.
+    async fn latency(&self, n: usize) -> anyhow::Result<()> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let db = Db::create(&self.args.database_url).await?;
+        let mut config = self.config(&db, &suffix, free_port()?);
+        config.consumer.batch_size = self.args.batch_size;
+        self.create_topics(&config).await?;
+        let mut child = self.spawn_worker(&config)?;
+        let pid = child.id();
+        let reader: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("bench-reader-{suffix}"))
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        reader.subscribe(&[&config.topics.user_events])?;
+        // Let the worker and the reader join their groups before the clock starts.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("linger.ms", "0")
+            .create()?;
+        let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+        let users = 1000;
+        let sender = {
+            let (sent, topic, producer) =
+                (sent.clone(), config.topics.login.clone(), producer.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                for i in 0..n {
+                    tick.tick().await;
+                    let id = format!("l-{i}");
+                    let key = format!("bench:user-{}", i % users);
+                    let value = login_value(&id, i % users, 0, i, &time_at(i as i64));
+                    if let Ok(mut s) = sent.lock() {
+                        s.insert(id, Instant::now());
+                    }
+                    if let Ok(d) =
+                        producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
+                    {
+                        drop(d);
+                    }
+                }
+            })
+        };
+        let mut latencies = Vec::with_capacity(n);
+        let deadline = Instant::now() + Duration::from_secs(n as u64 / 500 + 60);
+        while latencies.len() < n && Instant::now() < deadline {
+            let m = tokio::select! {
+                m = reader.recv() => m?,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+            };
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            if v["type"] != "user.synced" {
+                continue;
+            }
+            let cause = v["causationid"].as_str().unwrap_or_default();
+            if let Some(t) = sent.lock().ok().and_then(|s| s.get(cause).copied()) {
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        sender.await?;
+        let rss = peak_rss(pid);
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let pct = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 - 1.0) * q) as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n}) }.print();
+        db.drop().await;
+        Ok(())
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("[{}] {what}", chrono::Utc::now().format("%H:%M:%S"));
+}
+
+struct Broker(Option<Child>);
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // The worker binary lives beside this one; build it if it is not there.
+    let exe = std::env::current_exe()?;
+    let authsync_bin = exe.with_file_name("authsync");
+    let profile_release = exe.to_string_lossy().contains("/release/");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "--quiet", "--bin", "authsync"]);
+    if profile_release {
+        build.arg("--release");
+    }
+    progress("building the authsync binary");
+    if !build.status().map(|s| s.success()).unwrap_or(false) || !authsync_bin.exists() {
+        bail!("cannot build the authsync binary");
+    }
+    let mut broker = Broker(None);
+    let brokers = match &args.brokers {
+        Some(b) => b.clone(),
+        None => {
+            let port = free_port()?;
+            let child = Command::new("tansu")
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &format!("tcp://127.0.0.1:{port}"),
+                    "--advertised-listener-url",
+                    &format!("tcp://127.0.0.1:{port}"),
+                    "--storage-engine",
+                    "memory://tansu/",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start tansu (cargo install tansu --version 0.6.0 --locked --features dynostore), or pass --brokers")?;
+            broker.0 = Some(child);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            format!("127.0.0.1:{port}")
+        }
+    };
+    let bench = Bench {
+        args,
+        brokers,
+        authsync_bin,
+    };
+    let scenario = bench.args.scenario.clone();
+    let ev = bench.args.events;
+    let run = |s: &str| s == scenario || scenario == "all";
+    if run("returning") {
+        bench.returning(ev.unwrap_or(200_000)).await?;
+    }
+    if run("signup") {
+        bench.signup(ev.unwrap_or(50_000)).await?;
+    }
+    if run("replay") {
+        bench.replay(ev.unwrap_or(200_000)).await?;
+    }
+    if run("relay") {
+        bench.relay(ev.unwrap_or(200_000)).await?;
+    }
+    if run("latency") {
+        bench.latency(ev.unwrap_or(60_000)).await?;
+    }
+    drop(broker);
+    Ok(())
+}
