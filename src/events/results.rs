@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::domain::{ids, RefreshReason, UserRecord};
@@ -12,7 +13,7 @@ pub const USER_SYNCED: &str = "user.synced";
 pub const USER_SIGNED_UP: &str = "user.signed_up";
 pub const USER_TOKEN_REFRESH_REQUIRED: &str = "user.token_refresh_required";
 
-/// An event ready for the outbox.
+/// An event ready for the outbox; `data` is already serialized JSON.
 #[derive(Clone, Debug)]
 pub struct ResultEvent {
     pub id: Uuid,
@@ -22,7 +23,7 @@ pub struct ResultEvent {
     pub time: DateTime<Utc>,
     /// The input event that caused it (CloudEvents extension `causationid`).
     pub causation_id: String,
-    pub data: serde_json::Value,
+    pub data: Box<RawValue>,
 }
 
 #[derive(Serialize)]
@@ -32,11 +33,25 @@ struct Wire<'a> {
     source: &'static str,
     #[serde(rename = "type")]
     event_type: &'static str,
-    subject: String,
+    subject: Uuid,
     time: String,
     datacontenttype: &'static str,
     causationid: &'a str,
-    data: &'a serde_json::Value,
+    data: &'a RawValue,
+}
+
+/// Serializes a view once; it is then embedded as-is wherever it appears.
+pub fn raw<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| null())
+}
+
+pub fn null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable_null())
+}
+
+fn unreachable_null() -> Box<RawValue> {
+    // "null" is valid JSON; this path cannot be taken.
+    serde_json::value::to_raw_value(&()).unwrap_or_default()
 }
 
 impl ResultEvent {
@@ -46,7 +61,7 @@ impl ResultEvent {
         causation_id: &str,
         user_id: Uuid,
         time: DateTime<Utc>,
-        data: serde_json::Value,
+        data: Box<RawValue>,
     ) -> Self {
         Self {
             id: ids::result_event_id(causation_id, event_type),
@@ -64,13 +79,13 @@ impl ResultEvent {
             id: self.id,
             source: SOURCE,
             event_type: self.event_type,
-            subject: self.user_id.to_string(),
-            time: self.time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            subject: self.user_id,
+            time: ts(self.time),
             datacontenttype: "application/json",
             causationid: &self.causation_id,
             data: &self.data,
         };
-        // Serializing plain structs and `Value`s cannot fail.
+        // Serializing plain structs of strings and numbers cannot fail.
         serde_json::to_vec(&wire).unwrap_or_default()
     }
 }
@@ -113,138 +128,243 @@ pub struct WorkingContextRecord {
     pub collections: Vec<CollectionRecord>,
 }
 
-/// The auth-sync response's `user`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EmailView<'a> {
+    email: &'a str,
+    #[serde(rename = "type")]
+    email_type: &'a str,
+    verified_at: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedMetadata {
+    created_at: String,
+}
+
+#[derive(Serialize)]
+struct IdentifierView<'a> {
+    id: String,
+    label: &'a str,
+    metadata: CreatedMetadata,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UserMetadata {
+    created_at: String,
+    created_by: Uuid,
+    modified_at: String,
+    modified_by: Uuid,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UserView<'a> {
+    id: Uuid,
+    email: Option<&'a str>,
+    emails: Vec<EmailView<'a>>,
+    display_name: Option<&'a str>,
+    auth_display_name: Option<&'a str>,
+    #[serde(rename = "authPictureURL")]
+    auth_picture_url: Option<&'a str>,
+    given_name: Option<&'a str>,
+    family_name: Option<&'a str>,
+    locale: Option<&'a str>,
+    external_identifiers: Vec<IdentifierView<'a>>,
+    lifecycle_state: &'a str,
+    version: i64,
+    etag: String,
+    metadata: UserMetadata,
+}
+
+/// The auth-sync response's `user`, serialized.
 pub fn user_view(
     user: &UserRecord,
     emails: &[EmailRecord],
     identities: &[IdentityRecord],
-) -> serde_json::Value {
-    let emails: Vec<_> = emails
-        .iter()
-        .map(|e| {
-            serde_json::json!({
-                "email": e.email,
-                "type": e.email_type,
-                "verifiedAt": e.verified_at.map(ts),
+) -> Box<RawValue> {
+    raw(&UserView {
+        id: user.id,
+        email: user.email.as_deref(),
+        emails: emails
+            .iter()
+            .map(|e| EmailView {
+                email: &e.email,
+                email_type: &e.email_type,
+                verified_at: e.verified_at.map(ts),
             })
-        })
-        .collect();
-    let identifiers: Vec<_> = identities
-        .iter()
-        .map(|i| {
-            serde_json::json!({
-                "id": format!("{}|{}", i.provider, i.subject),
-                "label": i.provider,
-                "metadata": { "createdAt": ts(i.created_at) },
+            .collect(),
+        display_name: user.display_name.as_deref(),
+        auth_display_name: user.auth_display_name.as_deref(),
+        auth_picture_url: user.auth_picture_url.as_deref(),
+        given_name: user.given_name.as_deref(),
+        family_name: user.family_name.as_deref(),
+        locale: user.locale.as_deref(),
+        external_identifiers: identities
+            .iter()
+            .map(|i| IdentifierView {
+                id: format!("{}|{}", i.provider, i.subject),
+                label: &i.provider,
+                metadata: CreatedMetadata {
+                    created_at: ts(i.created_at),
+                },
             })
-        })
-        .collect();
-    serde_json::json!({
-        "id": user.id,
-        "email": user.email,
-        "emails": emails,
-        "displayName": user.display_name,
-        "authDisplayName": user.auth_display_name,
-        "authPictureURL": user.auth_picture_url,
-        "givenName": user.given_name,
-        "familyName": user.family_name,
-        "locale": user.locale,
-        "externalIdentifiers": identifiers,
-        "lifecycleState": user.lifecycle_state,
-        "version": user.version,
-        "etag": ids::user_etag(user.id, user.version),
-        "metadata": {
-            "createdAt": ts(user.created_at),
-            "createdBy": user.id,
-            "modifiedAt": ts(user.modified_at),
-            "modifiedBy": user.id,
+            .collect(),
+        lifecycle_state: &user.lifecycle_state,
+        version: user.version,
+        etag: ids::user_etag(user.id, user.version),
+        metadata: UserMetadata {
+            created_at: ts(user.created_at),
+            created_by: user.id,
+            modified_at: ts(user.modified_at),
+            modified_by: user.id,
         },
     })
 }
 
-/// The auth-sync response's `workingContext`, collections nested by their paths.
-pub fn working_context_view(ctx: &WorkingContextRecord) -> serde_json::Value {
-    fn node(c: &CollectionRecord, all: &[CollectionRecord]) -> serde_json::Value {
-        let children: Vec<_> = all
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CollectionView<'a> {
+    id: Uuid,
+    collection_kind: &'a str,
+    label: &'a str,
+    lifecycle_state: &'a str,
+    organization_id: Uuid,
+    tenant_id: Uuid,
+    path: &'a [Uuid],
+    version: i64,
+    etag: String,
+}
+
+#[derive(Serialize)]
+struct CollectionNode<'a> {
+    collection: CollectionView<'a>,
+    children: Vec<CollectionNode<'a>>,
+}
+
+#[derive(Serialize)]
+struct WorkingContextView<'a> {
+    #[serde(rename = "tenantId")]
+    tenant_id: Uuid,
+    #[serde(rename = "organizationId")]
+    organization_id: Uuid,
+    #[serde(rename = "CollectionTree")]
+    collection_tree: Vec<CollectionNode<'a>>,
+}
+
+fn collection_node<'a>(c: &'a CollectionRecord, all: &'a [CollectionRecord]) -> CollectionNode<'a> {
+    CollectionNode {
+        collection: CollectionView {
+            id: c.id,
+            collection_kind: &c.kind,
+            label: &c.label,
+            lifecycle_state: &c.lifecycle_state,
+            organization_id: c.organization_id,
+            tenant_id: c.tenant_id,
+            path: &c.path,
+            version: c.version,
+            etag: Uuid::new_v5(&c.id, format!("etag:{}", c.version).as_bytes())
+                .simple()
+                .to_string(),
+        },
+        children: all
             .iter()
             .filter(|child| child.path.len() == c.path.len() + 1 && child.path.starts_with(&c.path))
-            .map(|child| node(child, all))
-            .collect();
-        serde_json::json!({
-            "collection": {
-                "id": c.id,
-                "collectionKind": c.kind,
-                "label": c.label,
-                "lifecycleState": c.lifecycle_state,
-                "organizationId": c.organization_id,
-                "tenantId": c.tenant_id,
-                "path": c.path,
-                "version": c.version,
-                "etag": Uuid::new_v5(&c.id, format!("etag:{}", c.version).as_bytes()).simple().to_string(),
-            },
-            "children": children,
-        })
+            .map(|child| collection_node(child, all))
+            .collect(),
     }
+}
+
+/// The auth-sync response's `workingContext`, collections nested by their paths.
+pub fn working_context_view(ctx: &WorkingContextRecord) -> Box<RawValue> {
     let mut roots: Vec<&CollectionRecord> = ctx
         .collections
         .iter()
         .filter(|c| c.path.len() == 1)
         .collect();
     // Stable order: organization first, then personal, then anything else by label.
-    roots.sort_by_key(|c| {
-        (
-            c.kind != "organization",
-            c.kind != "personal",
-            c.label.clone(),
-        )
+    roots.sort_by(|a, b| {
+        (a.kind != "organization", a.kind != "personal", &a.label).cmp(&(
+            b.kind != "organization",
+            b.kind != "personal",
+            &b.label,
+        ))
     });
-    let tree: Vec<_> = roots
-        .into_iter()
-        .map(|c| node(c, &ctx.collections))
-        .collect();
-    serde_json::json!({
-        "tenantId": ctx.tenant_id,
-        "organizationId": ctx.organization_id,
-        "CollectionTree": tree,
+    raw(&WorkingContextView {
+        tenant_id: ctx.tenant_id,
+        organization_id: ctx.organization_id,
+        collection_tree: roots
+            .into_iter()
+            .map(|c| collection_node(c, &ctx.collections))
+            .collect(),
     })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SyncedData<'a> {
+    did_sign_up: bool,
+    token_refresh_required: bool,
+    token_refresh_reason: &'a str,
+    user: &'a RawValue,
+    working_context: &'a RawValue,
 }
 
 /// `user.synced` data: the auth-sync response's `data`.
 pub fn synced_data(
     did_sign_up: bool,
     refresh: &[RefreshReason],
-    user: serde_json::Value,
-    working_context: serde_json::Value,
-) -> serde_json::Value {
-    serde_json::json!({
-        "didSignUp": did_sign_up,
-        "tokenRefreshRequired": !refresh.is_empty(),
-        "tokenRefreshReason": refresh.first().map(|r| r.as_str()).unwrap_or(""),
-        "user": user,
-        "workingContext": working_context,
+    user: &RawValue,
+    working_context: &RawValue,
+) -> Box<RawValue> {
+    raw(&SyncedData {
+        did_sign_up,
+        token_refresh_required: !refresh.is_empty(),
+        token_refresh_reason: refresh.first().map(|r| r.as_str()).unwrap_or(""),
+        user,
+        working_context,
     })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SignedUpData<'a> {
+    provider: &'a str,
+    subject: &'a str,
+    user: &'a RawValue,
+    working_context: &'a RawValue,
 }
 
 /// `user.signed_up` data.
 pub fn signed_up_data(
     provider: &str,
     subject: &str,
-    user: serde_json::Value,
-    working_context: serde_json::Value,
-) -> serde_json::Value {
-    serde_json::json!({
-        "provider": provider,
-        "subject": subject,
-        "user": user,
-        "workingContext": working_context,
+    user: &RawValue,
+    working_context: &RawValue,
+) -> Box<RawValue> {
+    raw(&SignedUpData {
+        provider,
+        subject,
+        user,
+        working_context,
     })
 }
 
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenRefreshData {
+    user_id: Uuid,
+    reason: &'static str,
+    reasons: Vec<&'static str>,
+}
+
 /// `user.token_refresh_required` data.
-pub fn token_refresh_data(user_id: Uuid, reasons: &[RefreshReason]) -> serde_json::Value {
-    serde_json::json!({
-        "userId": user_id,
-        "reason": reasons.first().map(|r| r.as_str()).unwrap_or(""),
-        "reasons": reasons.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+pub fn token_refresh_data(user_id: Uuid, reasons: &[RefreshReason]) -> Box<RawValue> {
+    raw(&TokenRefreshData {
+        user_id,
+        reason: reasons.first().map(|r| r.as_str()).unwrap_or(""),
+        reasons: reasons.iter().map(|r| r.as_str()).collect(),
     })
 }

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
+use serde_json::value::RawValue;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -29,6 +30,8 @@ struct Resolved {
     user_of: HashMap<Identity, Uuid>,
     users: HashMap<Uuid, UserRecord>,
     groups: HashMap<Identity, Vec<String>>,
+    /// Stored identity claims (email, verified), to write identities only on change.
+    claims: HashMap<Identity, (Option<String>, bool)>,
 }
 
 impl Resolved {
@@ -36,6 +39,7 @@ impl Resolved {
         for l in loaded {
             let key = (l.provider, l.subject);
             self.user_of.insert(key.clone(), l.user.id);
+            self.claims.insert(key.clone(), (l.email, l.email_verified));
             self.groups.insert(key, l.groups);
             self.users.entry(l.user.id).or_insert(l.user);
         }
@@ -175,6 +179,10 @@ impl AuthSync {
             for plan in &winners {
                 let id = (plan.provider.clone(), plan.subject.clone());
                 resolved.user_of.insert(id.clone(), plan.user.id);
+                resolved.claims.insert(
+                    id.clone(),
+                    (plan.user.email.clone(), plan.user.email_verified),
+                );
                 resolved.groups.insert(id, plan.groups.clone());
                 resolved.users.insert(plan.user.id, plan.user.clone());
             }
@@ -197,6 +205,7 @@ impl AuthSync {
             user_of,
             users: mut users_by_id,
             mut groups,
+            mut claims,
         } = resolved;
         let mut applied = Vec::with_capacity(logins.len());
         let mut dirty: Vec<Uuid> = Vec::new();
@@ -241,25 +250,36 @@ impl AuthSync {
                         }
                     }
                 }
-                let state = identity_states
-                    .entry(id.clone())
-                    .or_insert_with(|| IdentityState {
-                        provider: id.0.clone(),
-                        subject: id.1.clone(),
-                        groups: Vec::new(),
-                        email: None,
-                        email_verified: None,
-                        last_login_at: event.occurred_at,
-                    });
-                state.groups = identity_groups.clone();
-                state.last_login_at = state.last_login_at.max(event.occurred_at);
+                // The identity's claims as this provider now asserts them.
+                let (stored_email, stored_verified) =
+                    claims.entry(id.clone()).or_insert((None, false));
+                let mut identity_changed = outcome.groups_changed;
                 if !outcome.stale {
-                    if event.email.is_some() {
-                        state.email = event.email.clone();
+                    if let Some(email) = &event.email {
+                        if stored_email.as_deref() != Some(email.as_str()) {
+                            *stored_email = Some(email.clone());
+                            identity_changed = true;
+                        }
                     }
-                    if event.email_verified.is_some() {
-                        state.email_verified = event.email_verified;
+                    if let Some(verified) = event.email_verified {
+                        if *stored_verified != verified {
+                            *stored_verified = verified;
+                            identity_changed = true;
+                        }
                     }
+                }
+                if identity_changed || identity_states.contains_key(&id) {
+                    identity_states.insert(
+                        id.clone(),
+                        IdentityState {
+                            provider: id.0.clone(),
+                            subject: id.1.clone(),
+                            groups: identity_groups.clone(),
+                            email: stored_email.clone(),
+                            email_verified: *stored_verified,
+                            last_login_at: event.occurred_at,
+                        },
+                    );
                 }
                 outcome
             };
@@ -311,6 +331,8 @@ impl AuthSync {
         user_ids.sort_unstable();
         user_ids.dedup();
         let views = views::load(&mut *conn, &user_ids).await?;
+        // A user's working context is the same for all its events in the batch: build once.
+        let mut contexts: HashMap<Uuid, Box<RawValue>> = HashMap::with_capacity(user_ids.len());
         let mut rows = Vec::with_capacity(applied.len() * 2);
         for a in applied {
             let uid = a.user.id;
@@ -327,45 +349,55 @@ impl AuthSync {
                     .map(Vec::as_slice)
                     .unwrap_or_default(),
             );
-            let wc_view = views
-                .working_contexts
-                .get(&uid)
-                .map(results::working_context_view)
-                .unwrap_or(serde_json::Value::Null);
+            let wc_view = contexts.entry(uid).or_insert_with(|| {
+                views
+                    .working_contexts
+                    .get(&uid)
+                    .map(results::working_context_view)
+                    .unwrap_or_else(results::null)
+            });
             let reasons = &a.outcome.refresh_reasons;
             let time = a.event.occurred_at;
             let cause = a.event.event_id.as_str();
-            let mut events = vec![ResultEvent::new(
-                results::USER_SYNCED,
-                cause,
-                uid,
-                time,
-                results::synced_data(a.signed_up, reasons, user_view.clone(), wc_view.clone()),
-            )];
-            if a.signed_up {
-                events.push(ResultEvent::new(
-                    results::USER_SIGNED_UP,
+            rows.push(result_message(
+                ctx,
+                &ResultEvent::new(
+                    results::USER_SYNCED,
                     cause,
                     uid,
                     time,
-                    results::signed_up_data(
-                        &a.event.provider,
-                        &a.event.subject,
-                        user_view,
-                        wc_view,
+                    results::synced_data(a.signed_up, reasons, &user_view, wc_view),
+                ),
+            ));
+            if a.signed_up {
+                rows.push(result_message(
+                    ctx,
+                    &ResultEvent::new(
+                        results::USER_SIGNED_UP,
+                        cause,
+                        uid,
+                        time,
+                        results::signed_up_data(
+                            &a.event.provider,
+                            &a.event.subject,
+                            &user_view,
+                            wc_view,
+                        ),
                     ),
                 ));
             }
             if !reasons.is_empty() {
-                events.push(ResultEvent::new(
-                    results::USER_TOKEN_REFRESH_REQUIRED,
-                    cause,
-                    uid,
-                    time,
-                    results::token_refresh_data(uid, reasons),
+                rows.push(result_message(
+                    ctx,
+                    &ResultEvent::new(
+                        results::USER_TOKEN_REFRESH_REQUIRED,
+                        cause,
+                        uid,
+                        time,
+                        results::token_refresh_data(uid, reasons),
+                    ),
                 ));
             }
-            rows.extend(events.into_iter().map(|e| result_message(ctx, &e)));
         }
         Ok(rows)
     }

@@ -12,6 +12,9 @@ pub struct LoadedIdentity {
     pub provider: String,
     pub subject: String,
     pub groups: Vec<String>,
+    /// The email this identity's provider last asserted, and whether it said verified.
+    pub email: Option<String>,
+    pub email_verified: bool,
     pub user: UserRecord,
 }
 
@@ -25,7 +28,8 @@ pub async fn lock_by_identities(
     let subjects: Vec<&str> = keys.iter().map(|(_, s)| s.as_str()).collect();
     let rows = sqlx::query!(
         r#"
-        SELECT ei.provider, ei.subject, ei.groups,
+        SELECT ei.provider, ei.subject, ei.groups, ei.email AS identity_email,
+               ei.email_verified AS identity_email_verified,
                u.id, u.email, (ue.verified_at IS NOT NULL) AS "email_verified!",
                u.display_name, u.auth_display_name, u.auth_picture_url, u.given_name,
                u.family_name, u.locale, u.workflow_variants, u.lifecycle_state, u.version,
@@ -48,6 +52,8 @@ pub async fn lock_by_identities(
             provider: r.provider,
             subject: r.subject,
             groups: r.groups,
+            email: r.identity_email,
+            email_verified: r.identity_email_verified,
             user: UserRecord {
                 id: r.id,
                 email: r.email,
@@ -172,15 +178,14 @@ pub async fn upsert_emails(
     .map(|_| ())
 }
 
-/// The state of one identity after the batch.
-#[derive(Debug, Clone)]
+/// The claims of one identity after the batch (written only when they changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityState {
     pub provider: String,
     pub subject: String,
     pub groups: Vec<String>,
-    /// `None`: the events did not say; the stored value stays.
     pub email: Option<String>,
-    pub email_verified: Option<bool>,
+    pub email_verified: bool,
     pub last_login_at: DateTime<Utc>,
 }
 
@@ -199,13 +204,13 @@ pub async fn update_identities(
         .map(|i| serde_json::json!(i.groups))
         .collect();
     let emails: Vec<Option<&str>> = identities.iter().map(|i| i.email.as_deref()).collect();
-    let verified: Vec<Option<bool>> = identities.iter().map(|i| i.email_verified).collect();
+    let verified: Vec<bool> = identities.iter().map(|i| i.email_verified).collect();
     let login_at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.last_login_at).collect();
     sqlx::query!(
         r#"
         UPDATE external_identities ei SET
             groups = ARRAY(SELECT jsonb_array_elements_text(d.groups)),
-            email = COALESCE(d.email, ei.email), email_verified = COALESCE(d.verified, ei.email_verified),
+            email = d.email, email_verified = d.verified,
             last_login_at = GREATEST(ei.last_login_at, d.login_at)
         FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::bool[], $6::timestamptz[])
             AS d(provider, subject, groups, email, verified, login_at)
@@ -215,7 +220,7 @@ pub async fn update_identities(
         &subjects as &[&str],
         &groups,
         &emails as &[Option<&str>],
-        &verified as &[Option<bool>],
+        &verified,
         &login_at,
     )
     .execute(conn)
