@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::consumer::{self, BatchHandler, StepHandler};
 use crate::steps::auth_sync::AuthSync;
+use crate::steps::merge::AccountMerge;
 use crate::steps::StepContext;
 use crate::telemetry::{self, Health, Metrics};
 use crate::{kafka, relay, store};
@@ -88,6 +89,7 @@ pub async fn start(
         consumer_group: config.kafka.group_id.clone(),
         topics: config.topics.clone(),
         provisioning: config.provisioning.clone(),
+        merge: config.merge.clone(),
         max_message_bytes: config.consumer.max_message_bytes,
     };
     let mut handlers: HashMap<String, Arc<dyn BatchHandler>> = HashMap::new();
@@ -95,8 +97,16 @@ pub async fn start(
         config.topics.login.clone(),
         Arc::new(StepHandler {
             pool: pool.clone(),
-            ctx,
+            ctx: ctx.clone(),
             step: AuthSync,
+        }),
+    );
+    handlers.insert(
+        config.topics.merge.clone(),
+        Arc::new(StepHandler {
+            pool: pool.clone(),
+            ctx,
+            step: AccountMerge,
         }),
     );
 

@@ -46,7 +46,28 @@ pub struct Config {
     pub relay: RelayConfig,
     pub http: HttpConfig,
     pub provisioning: ProvisioningConfig,
+    pub merge: MergeConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MergeConfig {
+    /// A merge naming an unknown user (maybe a sign-up not synced yet) is retried for this
+    /// long after its event time, then dead-lettered with reason `unknown_user`.
+    pub unknown_user_retry_secs: u64,
+    /// Longest list per report field in the `user.merged` event (the `merges` table keeps
+    /// the full report); longer lists are cut and `truncated` is set.
+    pub report_list_limit: usize,
+}
+
+impl Default for MergeConfig {
+    fn default() -> Self {
+        Self {
+            unknown_user_retry_secs: 300,
+            report_list_limit: 1000,
+        }
+    }
 }
 
 /// A string that never appears in logs or `Debug` output (database URLs carry passwords).
@@ -154,6 +175,8 @@ impl TopicsConfig {
         vec![
             self.login.clone(),
             self.dlq_for(&self.login),
+            self.merge.clone(),
+            self.dlq_for(&self.merge),
             self.user_events.clone(),
         ]
     }
@@ -178,6 +201,9 @@ pub struct ConsumerConfig {
     pub retry_max_ms: u64,
     /// After this many consecutive transient failures `/readyz` reports not ready.
     pub unready_after_failures: u32,
+    /// librdkafka `fetch.wait.max.ms`: how long the broker may hold a fetch for more data.
+    /// Low values cut latency on a trickle of events at the cost of more fetch requests.
+    pub fetch_wait_max_ms: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -191,6 +217,7 @@ impl Default for ConsumerConfig {
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
             unready_after_failures: 5,
+            fetch_wait_max_ms: 10,
         }
     }
 }
@@ -299,6 +326,7 @@ const SECTIONS: &[&str] = &[
     "relay",
     "http",
     "provisioning",
+    "merge",
     "log",
 ];
 

@@ -219,7 +219,10 @@ pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
         .set("enable.partition.eof", "false")
         // Bound what librdkafka pre-fetches (memory), the partition tasks bound the rest.
         .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.wait.max.ms", "100");
+        .set(
+            "fetch.wait.max.ms",
+            config.consumer.fetch_wait_max_ms.to_string(),
+        );
     cc
 }
 

@@ -1,6 +1,7 @@
 //! Pure decisions: no I/O here. The store loads state, the domain decides, the store writes.
 
 pub mod ids;
+pub mod merge;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;

@@ -5,6 +5,7 @@
 //! become the `authsync-error-class` / `authsync-error-reason` headers on the dead letter.
 
 pub mod login;
+pub mod merge;
 pub mod results;
 
 use chrono::{DateTime, Utc};

@@ -310,6 +310,9 @@ struct SyncedData<'a> {
     token_refresh_reason: &'a str,
     user: &'a RawValue,
     working_context: &'a RawValue,
+    /// Present when the login's identity was moved here by a merge: the old user's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merged_from: Option<Uuid>,
 }
 
 /// `user.synced` data: the auth-sync response's `data`.
@@ -318,6 +321,7 @@ pub fn synced_data(
     refresh: &[RefreshReason],
     user: &RawValue,
     working_context: &RawValue,
+    merged_from: Option<Uuid>,
 ) -> Box<RawValue> {
     raw(&SyncedData {
         did_sign_up,
@@ -325,6 +329,7 @@ pub fn synced_data(
         token_refresh_reason: refresh.first().map(|r| r.as_str()).unwrap_or(""),
         user,
         working_context,
+        merged_from,
     })
 }
 

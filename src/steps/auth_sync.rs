@@ -11,11 +11,10 @@ use serde_json::value::RawValue;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{dead_letter, BatchReport, InputMessage, Step, StepContext};
+use super::{BatchReport, InputMessage, Step, StepContext};
 use crate::domain::{self, LoginOutcome, RefreshReason, SignupPlan, UserRecord};
 use crate::events::results::{self, ResultEvent};
 use crate::events::{DecodeError, LoginEvent};
-use crate::store::inbox::{self, Claim};
 use crate::store::outbox::{self, NewMessage};
 use crate::store::users::{self, DeviceSighting, EmailState, IdentityState};
 use crate::store::{provisioning, views, StoreError};
@@ -32,6 +31,8 @@ struct Resolved {
     groups: HashMap<Identity, Vec<String>>,
     /// Stored identity claims (email, verified), to write identities only on change.
     claims: HashMap<Identity, (Option<String>, bool)>,
+    /// Identities a merge moved here: the old user they belonged to.
+    merged_from: HashMap<Identity, Uuid>,
 }
 
 impl Resolved {
@@ -40,6 +41,9 @@ impl Resolved {
             let key = (l.provider, l.subject);
             self.user_of.insert(key.clone(), l.user.id);
             self.claims.insert(key.clone(), (l.email, l.email_verified));
+            if let Some(from) = l.merged_from {
+                self.merged_from.insert(key.clone(), from);
+            }
             self.groups.insert(key, l.groups);
             self.users.entry(l.user.id).or_insert(l.user);
         }
@@ -52,6 +56,8 @@ struct Applied<'a> {
     user: UserRecord,
     signed_up: bool,
     outcome: LoginOutcome,
+    /// The identity was moved here by a merge from this user.
+    merged_from: Option<Uuid>,
 }
 
 impl Step for AuthSync {
@@ -78,48 +84,16 @@ impl Step for AuthSync {
         let now = Utc::now();
 
         // 1. Inbox: claim each event once; duplicates (in the batch or handled before) skip.
-        let keys: Vec<String> = items.iter().map(|(m, d)| self.inbox_key(m, d)).collect();
-        let mut seen = HashSet::new();
-        let mut claims = Vec::with_capacity(items.len());
-        let mut candidates = Vec::with_capacity(items.len());
-        for ((message, decoded), key) in items.iter().zip(&keys) {
-            if !seen.insert(key.as_str()) {
-                report.duplicates += 1;
-                continue;
-            }
-            claims.push(Claim {
-                event_id: key,
-                topic: &message.topic,
-                partition: message.partition,
-                offset: message.offset,
-                outcome: if decoded.is_ok() {
-                    "applied"
-                } else {
-                    "dead_lettered"
-                },
-            });
-            candidates.push((*message, *decoded, key.as_str()));
-        }
-        let claimed: HashSet<String> = inbox::claim(&mut *conn, &ctx.consumer_group, &claims)
-            .await?
-            .into_iter()
-            .collect();
-
-        let mut outbox_rows: Vec<NewMessage> = Vec::new();
-        let mut logins: Vec<&LoginEvent> = Vec::new();
-        for (message, decoded, key) in candidates {
-            if !claimed.contains(key) {
-                report.duplicates += 1;
-                continue;
-            }
-            match decoded {
-                Ok(event) => logins.push(event),
-                Err(e) => {
-                    outbox_rows.push(dead_letter(ctx, message, key, e.class, &e.reason));
-                    *report.dead_lettered.entry(e.class.as_str()).or_default() += 1;
-                }
-            }
-        }
+        let claimed = super::claim_batch(
+            &mut *conn,
+            ctx,
+            items,
+            |m, d| self.inbox_key(m, d),
+            &mut report,
+        )
+        .await?;
+        let mut outbox_rows = claimed.dead_letters;
+        let logins: Vec<&LoginEvent> = claimed.items.into_iter().map(|(_, e)| e).collect();
         if !logins.is_empty() {
             let applied = self
                 .apply_logins(conn, ctx, &logins, now, &mut report)
@@ -206,6 +180,7 @@ impl AuthSync {
             users: mut users_by_id,
             mut groups,
             mut claims,
+            merged_from,
         } = resolved;
         let mut applied = Vec::with_capacity(logins.len());
         let mut dirty: Vec<Uuid> = Vec::new();
@@ -303,6 +278,7 @@ impl AuthSync {
                 user: user.clone(),
                 signed_up,
                 outcome,
+                merged_from: merged_from.get(&id).copied(),
             });
         }
 
@@ -366,7 +342,7 @@ impl AuthSync {
                     cause,
                     uid,
                     time,
-                    results::synced_data(a.signed_up, reasons, &user_view, wc_view),
+                    results::synced_data(a.signed_up, reasons, &user_view, wc_view, a.merged_from),
                 ),
             ));
             if a.signed_up {

@@ -7,14 +7,17 @@
 //! alone and is dead-lettered through the outbox while every other message is applied.
 
 pub mod auth_sync;
+pub mod merge;
 
 use std::collections::BTreeMap;
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::config::{ProvisioningConfig, TopicsConfig};
+use std::collections::HashSet;
+
+use crate::config::{MergeConfig, ProvisioningConfig, TopicsConfig};
 use crate::domain::ids;
-use crate::events::ErrorClass;
+use crate::events::{DecodeError, ErrorClass};
 use crate::store::inbox::{self, Claim};
 use crate::store::outbox::{self, NewMessage};
 use crate::store::StoreError;
@@ -43,7 +46,72 @@ pub struct StepContext {
     pub consumer_group: String,
     pub topics: TopicsConfig,
     pub provisioning: ProvisioningConfig,
+    pub merge: MergeConfig,
     pub max_message_bytes: usize,
+}
+
+/// The messages of a batch this transaction claimed, and the dead letters of those that
+/// could not be decoded.
+pub struct Claimed<'a, D> {
+    pub items: Vec<(&'a InputMessage, &'a D)>,
+    pub dead_letters: Vec<NewMessage>,
+}
+
+/// Claims a batch in the inbox: duplicates (within the batch or handled before) are
+/// counted and dropped; undecodable messages are claimed as dead-lettered and their dead
+/// letters returned; the rest are returned in order.
+pub async fn claim_batch<'a, D>(
+    conn: &mut PgConnection,
+    ctx: &StepContext,
+    items: &'a [(&'a InputMessage, &'a Result<D, DecodeError>)],
+    key_of: impl Fn(&InputMessage, &Result<D, DecodeError>) -> String,
+    report: &mut BatchReport,
+) -> Result<Claimed<'a, D>, StoreError> {
+    let keys: Vec<String> = items.iter().map(|(m, d)| key_of(m, d)).collect();
+    let mut seen = HashSet::new();
+    let mut claims = Vec::with_capacity(items.len());
+    let mut candidates = Vec::with_capacity(items.len());
+    for ((message, decoded), key) in items.iter().zip(&keys) {
+        if !seen.insert(key.as_str()) {
+            report.duplicates += 1;
+            continue;
+        }
+        claims.push(Claim {
+            event_id: key,
+            topic: &message.topic,
+            partition: message.partition,
+            offset: message.offset,
+            outcome: if decoded.is_ok() {
+                "applied"
+            } else {
+                "dead_lettered"
+            },
+        });
+        candidates.push((*message, *decoded, key.as_str()));
+    }
+    let claimed: HashSet<String> = inbox::claim(&mut *conn, &ctx.consumer_group, &claims)
+        .await?
+        .into_iter()
+        .collect();
+    let mut out = Claimed {
+        items: Vec::with_capacity(candidates.len()),
+        dead_letters: Vec::new(),
+    };
+    for (message, decoded, key) in candidates {
+        if !claimed.contains(key) {
+            report.duplicates += 1;
+            continue;
+        }
+        match decoded {
+            Ok(value) => out.items.push((message, value)),
+            Err(e) => {
+                out.dead_letters
+                    .push(dead_letter(ctx, message, key, e.class.as_str(), &e.reason));
+                *report.dead_lettered.entry(e.class.as_str()).or_default() += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// What a batch did, for metrics and logs.
@@ -81,13 +149,13 @@ pub fn dead_letter(
     ctx: &StepContext,
     message: &InputMessage,
     inbox_key: &str,
-    class: ErrorClass,
+    class: &'static str,
     reason: &str,
 ) -> NewMessage {
     let mut headers = message.headers.clone();
     headers.retain(|(k, _)| !k.starts_with("authsync-"));
     for (name, value) in [
-        ("authsync-error-class", class.as_str().to_string()),
+        ("authsync-error-class", class.to_string()),
         ("authsync-error-reason", reason.to_string()),
         ("authsync-original-topic", message.topic.clone()),
         ("authsync-original-partition", message.partition.to_string()),
@@ -100,7 +168,7 @@ pub fn dead_letter(
         topic = %message.topic,
         partition = message.partition,
         offset = message.offset,
-        error_class = class.as_str(),
+        error_class = class,
         error_reason = %reason,
         "dead-lettering message"
     );
@@ -197,7 +265,7 @@ pub async fn run_batch<S: Step>(
                     ctx,
                     message,
                     &key,
-                    ErrorClass::Unprocessable,
+                    ErrorClass::Unprocessable.as_str(),
                     &e.to_string(),
                 );
                 outbox::insert(&mut tx, &[letter]).await?;

@@ -51,6 +51,22 @@ pub async fn claim(
     .await
 }
 
+/// Records that a claimed event ended in the dead-letter topic after all.
+pub async fn mark_dead_lettered(
+    conn: &mut PgConnection,
+    group: &str,
+    event_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE inbox SET outcome = 'dead_lettered' WHERE consumer_group = $1 AND event_id = $2",
+        group,
+        event_id
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// Deletes inbox rows older than the de-duplication window; returns how many.
 pub async fn delete_older_than(
     pool: &sqlx::PgPool,

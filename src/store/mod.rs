@@ -1,6 +1,7 @@
 //! Postgres: the pool, migrations, and the set-based SQL of every step. No policy here.
 
 pub mod inbox;
+pub mod merge;
 pub mod outbox;
 pub mod provisioning;
 pub mod users;
@@ -27,11 +28,14 @@ pub enum StoreError {
     /// cannot help; the message that caused it is dead-lettered.
     #[error("database rejected the data: {0}")]
     Permanent(#[source] sqlx::Error),
+    /// The step cannot proceed yet (e.g. a merge naming a user not synced yet): retry.
+    #[error("not yet possible: {0}")]
+    NotYet(String),
 }
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Transient(_))
+        matches!(self, StoreError::Transient(_) | StoreError::NotYet(_))
     }
 }
 

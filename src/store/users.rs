@@ -15,6 +15,8 @@ pub struct LoadedIdentity {
     /// The email this identity's provider last asserted, and whether it said verified.
     pub email: Option<String>,
     pub email_verified: bool,
+    /// Set when a merge moved this identity here from another user.
+    pub merged_from: Option<Uuid>,
     pub user: UserRecord,
 }
 
@@ -29,7 +31,7 @@ pub async fn lock_by_identities(
     let rows = sqlx::query!(
         r#"
         SELECT ei.provider, ei.subject, ei.groups, ei.email AS identity_email,
-               ei.email_verified AS identity_email_verified,
+               ei.email_verified AS identity_email_verified, ei.merged_from,
                u.id, u.email, (ue.verified_at IS NOT NULL) AS "email_verified!",
                u.display_name, u.auth_display_name, u.auth_picture_url, u.given_name,
                u.family_name, u.locale, u.workflow_variants, u.lifecycle_state, u.version,
@@ -54,6 +56,7 @@ pub async fn lock_by_identities(
             groups: r.groups,
             email: r.identity_email,
             email_verified: r.identity_email_verified,
+            merged_from: r.merged_from,
             user: UserRecord {
                 id: r.id,
                 email: r.email,

@@ -322,6 +322,7 @@ async fn concurrent_first_logins_of_one_identity_make_one_user_and_one_signup() 
         consumer_group: "g".into(),
         topics: config.topics.clone(),
         provisioning: config.provisioning.clone(),
+        merge: config.merge.clone(),
         max_message_bytes: config.consumer.max_message_bytes,
     });
     // Eight transactions race to sign up the same identity, each from its own "partition".

@@ -4,6 +4,7 @@
 mod auth_sync;
 mod dead_letters;
 mod helpers;
+mod merge;
 mod real_broker;
 mod relay;
 mod runtime;
