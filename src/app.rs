@@ -65,7 +65,11 @@ pub async fn start(
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Worker> {
-    let pool = store::pool(&config.database).context("database.url")?;
+    let pool = store::named_pool(
+        &config.database,
+        &store::worker_application_name(&config.kafka.group_id),
+    )
+    .context("database.url")?;
     store::ping(&pool)
         .await
         .context("cannot reach Postgres (database.url)")?;
@@ -123,14 +127,21 @@ pub async fn start(
     } else {
         None
     };
-    let (m, h) = (metrics.clone(), health.clone());
+    let (m, h, worker_pool) = (metrics.clone(), health.clone(), pool.clone());
     let handle = tokio::spawn(async move {
         let consumed = consumer::run(&config, handlers, m, h, shutdown.clone()).await;
         // A consumer that cannot start takes the process down with it.
         shutdown.cancel();
-        if let Some(relay) = relay_task {
-            relay.await.context("relay task panicked")??;
-        }
+        let relayed = match relay_task {
+            Some(relay) => relay
+                .await
+                .context("relay task panicked")
+                .and_then(|r| Ok(r?)),
+            None => Ok(()),
+        };
+        // Close the connections now: operator commands read them as "workers are live".
+        worker_pool.close().await;
+        relayed?;
         consumed?;
         Ok(())
     });

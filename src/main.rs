@@ -6,6 +6,8 @@ use tokio_util::sync::CancellationToken;
 
 use authsync::app::{self, RunOptions};
 use authsync::config::Config;
+use authsync::ops::replay::{self, ReplayFrom, ReplayRequest};
+use authsync::ops::{dlq, outbox};
 use authsync::{ops, store, telemetry};
 
 /// Event-driven auth-sync and account-merge worker (Kafka → Postgres → outbox → Kafka).
@@ -37,6 +39,75 @@ enum Command {
     },
     /// Validate the configuration and print it (secrets redacted).
     Config,
+    /// Rewind a consumer group so its events are read again (refuses while it has members).
+    Replay {
+        /// Input topic to replay.
+        #[arg(long)]
+        topic: String,
+        /// Consumer group (default: kafka.group_id).
+        #[arg(long)]
+        group: Option<String>,
+        /// Start at the first event at or after this time (RFC 3339).
+        #[arg(long, conflicts_with_all = ["from_offset", "from_beginning"])]
+        from_time: Option<chrono::DateTime<chrono::Utc>>,
+        /// Start at these offsets: `partition:offset,…` (other partitions keep theirs).
+        #[arg(long, conflicts_with = "from_beginning")]
+        from_offset: Option<String>,
+        /// Start at the beginning of every partition.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Also forget the inbox rows of the range so the events are applied again
+        /// (result events keep their ids: nothing is announced twice).
+        #[arg(long)]
+        reprocess: bool,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Dead letters: inspect or redrive.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// The transactional outbox.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters grouped by error class and reason (reads, commits nothing).
+    Inspect {
+        /// Dead-letter topic, e.g. auth.login.v1.dlq.
+        #[arg(long)]
+        topic: String,
+        /// Read at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Re-publish dead letters to their original topic with their original key and headers.
+    Redrive {
+        /// Dead-letter topic, e.g. auth.login.v1.dlq.
+        #[arg(long)]
+        topic: String,
+        /// Only letters of this error class (authsync-error-class).
+        #[arg(long)]
+        filter_reason: Option<String>,
+        /// Redrive at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Count what would be redriven; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Backlog, oldest unpublished age, relay leader.
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -90,6 +161,72 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Config => {
             println!("{config:#?}");
+            Ok(())
+        }
+        Command::Replay {
+            topic,
+            group,
+            from_time,
+            from_offset,
+            from_beginning,
+            reprocess,
+            dry_run,
+        } => {
+            let from = match (from_time, from_offset, from_beginning) {
+                (Some(t), None, false) => ReplayFrom::Time(t),
+                (None, Some(o), false) => ReplayFrom::Offsets(replay::parse_offsets(&o)?),
+                (None, None, true) => ReplayFrom::Beginning,
+                _ => anyhow::bail!(
+                    "say where to start: one of --from-time, --from-offset, --from-beginning"
+                ),
+            };
+            let request = ReplayRequest {
+                topic,
+                group: group.unwrap_or_else(|| config.kafka.group_id.clone()),
+                from,
+                reprocess,
+                dry_run,
+            };
+            let pool = store::pool(&config.database)?;
+            let outcome = replay::run(&config, &pool, &request).await?;
+            print!("{}", replay::render(&request, &outcome));
+            Ok(())
+        }
+        Command::Dlq {
+            command: DlqCommand::Inspect { topic, limit },
+        } => {
+            let cfg = config.clone();
+            let t = topic.clone();
+            let letters =
+                tokio::task::spawn_blocking(move || dlq::read_all(&cfg, &t, limit)).await??;
+            print!("{}", dlq::render_summary(&topic, &letters));
+            Ok(())
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Redrive {
+                    topic,
+                    filter_reason,
+                    limit,
+                    dry_run,
+                },
+        } => {
+            let request = dlq::RedriveRequest {
+                topic,
+                filter_class: filter_reason,
+                limit,
+                dry_run,
+            };
+            let pool = store::pool(&config.database)?;
+            let outcome = dlq::redrive(&config, &pool, &request, true).await?;
+            print!("{}", dlq::render_redrive(&request, &outcome));
+            Ok(())
+        }
+        Command::Outbox {
+            command: OutboxCommand::Status,
+        } => {
+            let pool = store::pool(&config.database)?;
+            print!("{}", outbox::render(&outbox::status(&pool).await?));
             Ok(())
         }
     }

@@ -185,6 +185,7 @@ impl Bench {
         c.database.url = Secret::new(db.url.clone());
         c.topics.login = format!("bench.login.{suffix}");
         c.topics.user_events = format!("bench.user-events.{suffix}");
+        c.topics.merge = format!("bench.merge.{suffix}");
         c.topics.partitions = self.args.partitions;
         c.consumer.batch_size = self.args.batch_size;
         c.http.listen = format!("127.0.0.1:{http_port}")
@@ -211,8 +212,9 @@ impl Bench {
             })
             .collect();
         for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
-            if let Err((name, code)) = r {
-                bail!("create topic {name}: {code}");
+            match r {
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) | Ok(_) => {}
+                Err((name, code)) => bail!("create topic {name}: {code}"),
             }
         }
         Ok(())
@@ -255,6 +257,7 @@ impl Bench {
             .env("AUTHSYNC_DATABASE_URL", config.database.url.expose())
             .env("AUTHSYNC_TOPICS_LOGIN", &config.topics.login)
             .env("AUTHSYNC_TOPICS_USER_EVENTS", &config.topics.user_events)
+            .env("AUTHSYNC_TOPICS_MERGE", &config.topics.merge)
             .env(
                 "AUTHSYNC_CONSUMER_BATCH_SIZE",
                 config.consumer.batch_size.to_string(),

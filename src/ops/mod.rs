@@ -1,3 +1,6 @@
-//! Operator commands.
+//! Operator commands: replay, dead-letter inspection and redrive, outbox status, dev.
 
 pub mod dev;
+pub mod dlq;
+pub mod outbox;
+pub mod replay;

@@ -123,7 +123,13 @@ async fn lead(
     let cleanup_every = Duration::from_secs(config.relay.cleanup_interval_secs.max(1));
     let mut last_cleanup = Instant::now() - cleanup_every;
     let mut last_check = Instant::now();
+    let mut last_backlog = Instant::now() - Duration::from_secs(60);
     while !shutdown.is_cancelled() {
+        // Keep the backlog gauges fresh during long publishing bursts too.
+        if last_backlog.elapsed() >= Duration::from_secs(1) {
+            update_backlog(pool, metrics).await;
+            last_backlog = Instant::now();
+        }
         if last_check.elapsed() >= poll * 4 {
             // Still holding the lock? A dead session means a standby may lead now.
             sqlx::query_scalar!(r#"SELECT 1 AS "one!""#)
@@ -139,7 +145,6 @@ async fn lead(
         if published > 0 {
             continue;
         }
-        update_backlog(pool, metrics).await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             n = listener.try_recv() => { n?; }

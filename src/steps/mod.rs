@@ -173,7 +173,15 @@ pub fn dead_letter(
         "dead-lettering message"
     );
     NewMessage {
-        event_id: ids::result_event_id(inbox_key, "dead_letter"),
+        // Per source position: a replay of the same message is recognised, a redriven copy
+        // (a new offset) that fails again is dead-lettered again.
+        event_id: ids::result_event_id(
+            &format!(
+                "{inbox_key}@{}/{}/{}",
+                message.topic, message.partition, message.offset
+            ),
+            "dead_letter",
+        ),
         topic: ctx.topics.dlq_for(&message.topic),
         key: message.key.clone(),
         event_type: "dead_letter".into(),

@@ -67,6 +67,29 @@ pub async fn mark_dead_lettered(
     .map(|_| ())
 }
 
+/// Forgets the inbox rows of a replayed range (`authsync replay --reprocess`): per
+/// partition, every row at or after the given offset. Returns how many.
+pub async fn delete_from_offsets(
+    pool: &sqlx::PgPool,
+    group: &str,
+    topic: &str,
+    partitions: &[i32],
+    offsets: &[i64],
+) -> Result<u64, sqlx::Error> {
+    sqlx::query!(
+        r#"DELETE FROM inbox i USING UNNEST($3::int4[], $4::int8[]) AS r(p, o)
+           WHERE i.consumer_group = $1 AND i.topic = $2 AND i.kafka_partition = r.p
+             AND i.kafka_offset >= r.o"#,
+        group,
+        topic,
+        partitions,
+        offsets
+    )
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}
+
 /// Deletes inbox rows older than the de-duplication window; returns how many.
 pub async fn delete_older_than(
     pool: &sqlx::PgPool,

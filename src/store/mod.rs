@@ -4,6 +4,7 @@ pub mod inbox;
 pub mod merge;
 pub mod outbox;
 pub mod provisioning;
+pub mod redrives;
 pub mod users;
 pub mod views;
 
@@ -62,10 +63,34 @@ pub fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOptions, sqlx
 
 /// A lazily connecting pool: start-up does not fail on a database that is still booting.
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    named_pool(config, "authsync")
+}
+
+/// `application_name` of a worker's connections: operator commands use it to see whether
+/// workers of a consumer group are running (`authsync replay` refuses then).
+pub fn worker_application_name(group: &str) -> String {
+    let mut name = format!("authsync-worker:{group}");
+    name.truncate(63); // Postgres keeps 63 bytes
+    name
+}
+
+pub fn named_pool(config: &DatabaseConfig, application_name: &str) -> Result<PgPool, sqlx::Error> {
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
-        .connect_lazy_with(connect_options(config)?))
+        .connect_lazy_with(connect_options(config)?.application_name(application_name)))
+}
+
+/// Connections of running workers of `group` to this database: (count, client addresses).
+pub async fn live_workers(pool: &PgPool, group: &str) -> Result<(i64, String), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "n!", coalesce(string_agg(DISTINCT coalesce(client_addr::text, 'local socket'), ', '), '') AS "hosts!"
+           FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1"#,
+        worker_application_name(group)
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((row.n, row.hosts))
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {

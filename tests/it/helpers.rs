@@ -134,7 +134,8 @@ impl Output {
 
 /// A mock cluster, a database, a config pointing at both, and (once started) a worker.
 pub struct Harness {
-    pub cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    /// The in-process mock broker; `None` when the harness runs on a real broker process.
+    pub cluster: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
     pub db: TestDb,
     pub config: Config,
     pub shutdown: CancellationToken,
@@ -186,13 +187,38 @@ impl Harness {
         }
         let producer = producer(&config.kafka.brokers);
         Self {
-            cluster,
+            cluster: Some(cluster),
             db,
             config,
             shutdown: CancellationToken::new(),
             worker: None,
             producer,
         }
+    }
+
+    /// The same harness on the real broker process of `AUTHSYNC_TEST_KAFKA_BROKERS`, with
+    /// topics of its own. `None` (skip) when no broker is configured outside CI.
+    pub async fn on_real_broker(tweak: impl FnOnce(&mut Config)) -> Option<Self> {
+        let brokers = real_brokers()?;
+        let db = TestDb::new().await;
+        let mut config = test_config(&brokers, &db.url);
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        config.topics.login = format!("auth.login.{suffix}");
+        config.topics.merge = format!("auth.merge.{suffix}");
+        config.topics.user_events = format!("auth.user-events.{suffix}");
+        tweak(&mut config);
+        authsync::kafka::ensure_topics(&config, true)
+            .await
+            .expect("create topics on the real broker");
+        let producer = producer(&config.kafka.brokers);
+        Some(Self {
+            cluster: None,
+            db,
+            config,
+            shutdown: CancellationToken::new(),
+            worker: None,
+            producer,
+        })
     }
 
     pub async fn start(&mut self) {
@@ -271,6 +297,21 @@ impl Harness {
             self.config.topics.dlq_for(&self.config.topics.login),
         ];
         read_topics(&self.config.kafka.brokers, &topics, expected).await
+    }
+}
+
+/// The real broker process for tests that need one; under `CI=true` it must be there.
+pub fn real_brokers() -> Option<String> {
+    match std::env::var("AUTHSYNC_TEST_KAFKA_BROKERS") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must provide a broker process: set AUTHSYNC_TEST_KAFKA_BROKERS"
+            );
+            eprintln!("skipped: AUTHSYNC_TEST_KAFKA_BROKERS is not set");
+            None
+        }
     }
 }
 

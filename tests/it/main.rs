@@ -5,6 +5,7 @@ mod auth_sync;
 mod dead_letters;
 mod helpers;
 mod merge;
+mod ops;
 mod real_broker;
 mod relay;
 mod runtime;

@@ -10,17 +10,7 @@ use serde_json::json;
 use crate::helpers::*;
 
 fn brokers() -> Option<String> {
-    match std::env::var("AUTHSYNC_TEST_KAFKA_BROKERS") {
-        Ok(b) if !b.is_empty() => Some(b),
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "CI must provide a broker process: set AUTHSYNC_TEST_KAFKA_BROKERS"
-            );
-            eprintln!("skipped: AUTHSYNC_TEST_KAFKA_BROKERS is not set");
-            None
-        }
-    }
+    real_brokers()
 }
 
 struct Process(Child);
@@ -89,7 +79,7 @@ async fn binary_against_a_real_broker_process_end_to_end() {
     let mut worker = spawn_worker(&brokers, &db, &suffix, &group);
     // --create-topics creates the topics through the admin API; wait for them.
     wait_for("worker ready", || async {
-        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'authsync'")
+        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'authsync-worker:%'")
             .await
             > 0
     })

@@ -111,7 +111,11 @@ async fn late_commit_is_published_in_order_and_rollback_never() {
 async fn relay_waits_out_a_broker_outage_and_loses_nothing() {
     let mut h = Harness::with(|c| c.relay.batch_size = 50).await;
     let topic = h.config.topics.user_events.clone();
-    h.cluster.broker_down(1).expect("down");
+    h.cluster
+        .as_ref()
+        .expect("mock")
+        .broker_down(1)
+        .expect("down");
     let mut conn = h.db.pool.acquire().await.expect("conn");
     let rows: Vec<NewMessage> = (0..200)
         .map(|n| row(n, &format!("k{}", n % 7), &topic))
@@ -131,7 +135,7 @@ async fn relay_waits_out_a_broker_outage_and_loses_nothing() {
         0,
         "nothing is marked while the broker is down"
     );
-    h.cluster.broker_up(1).expect("up");
+    h.cluster.as_ref().expect("mock").broker_up(1).expect("up");
     wait_for("all published", || async {
         h.db.count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
             .await

@@ -127,7 +127,7 @@ async fn transient_database_failures_are_retried_without_loss() {
             while tokio::time::Instant::now() < until {
                 let _ = sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                     WHERE datname = $1 AND application_name = 'authsync' AND pid <> pg_backend_pid()",
+                     WHERE datname = $1 AND application_name LIKE 'authsync%' AND pid <> pg_backend_pid()",
                 )
                 .bind(&db_name)
                 .execute(&pool)

@@ -7,14 +7,21 @@ authsync binary (AUTHSYNC_BIN, default target/debug/authsync) to load the render
 
     python3 helm/authsync/ci/validate.py
 
-Checks: helm lint (strict) for the defaults and every ci/*-values.yaml; every rendered
-manifest parses as YAML; the rendered authsync.toml is accepted by `authsync config`;
-the checksum/config annotation follows the config; the chart's guards reject bad values.
+Checks, for the defaults and every ci/*-values.yaml: helm lint (strict, which also applies
+values.schema.json); every manifest parses as YAML; the rendered authsync.toml is accepted
+by `authsync config`; the migration hook (Job, its ConfigMap and ServiceAccount) carries the
+pre-install/pre-upgrade hook annotations, runs `authsync migrate` with the worker's env,
+volumes and config file, and does not depend on anything created after the hooks; the PDB
+selects the worker pods. Per value set: Kafka SASL/TLS env and mounts, KEDA (ScaledObject,
+TriggerAuthentication, no `replicas`), ServiceMonitor only with the
+monitoring.coreos.com/v1 capability. Then: checksum/config follows the config; the schema
+rejects ill-typed values; the chart's guards reject bad combinations.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +36,11 @@ AUTHSYNC = os.environ.get("AUTHSYNC_BIN", os.path.join(REPO, "target", "debug", 
 
 failures: list[str] = []
 
+# Capabilities of a cluster running the Prometheus Operator and KEDA.
+CRDS = ["monitoring.coreos.com/v1", "monitoring.coreos.com/v1/ServiceMonitor",
+        "keda.sh/v1alpha1", "keda.sh/v1alpha1/ScaledObject"]
+HOOK = "helm.sh/hook"
+
 
 def check(ok: bool, what: str) -> None:
     print(("ok    " if ok else "FAIL  ") + what)
@@ -36,20 +48,38 @@ def check(ok: bool, what: str) -> None:
         failures.append(what)
 
 
-def render(values: dict | None) -> dict[str, list[dict]]:
+def render_raw(values: dict | None, api_versions: list[str] | None = None) -> dict[str, str]:
     chart = helm.Chart.load(CHART)
-    out = chart.render(values, name="demo", namespace="apps", is_install=True)
-    docs: dict[str, list[dict]] = {}
-    for path, text in out.items():
+    if not api_versions:
+        return chart.render(values, name="demo", namespace="apps", is_install=True)
+    # helm-python-sdk 0.2.2's Chart.render() has no parameter for extra API versions
+    # (`helm template --api-versions`), but the native render options accept them.
+    from helm_python import _native
+    opts = {"name": "demo", "namespace": "apps", "is_install": True, "api_versions": api_versions}
+    out = _native.call_string("helm_render", chart._raw(), json.dumps(values) if values is not None else None,
+                              json.dumps(opts))
+    return json.loads(out)
+
+
+def render(values: dict | None, api_versions: list[str] | None = None) -> list[dict]:
+    """Every rendered object (NOTES.txt excluded)."""
+    docs: list[dict] = []
+    for path, text in render_raw(values, api_versions).items():
         if path.endswith("NOTES.txt"):
             continue
-        docs[path] = [d for d in yaml.safe_load_all(text) if d]
+        docs += [d for d in yaml.safe_load_all(text) if d]
     return docs
 
 
-def by_kind(docs: dict[str, list[dict]], kind: str) -> dict:
-    found = [d for ds in docs.values() for d in ds if d.get("kind") == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+def kinds(docs: list[dict], kind: str, hooks: bool | None = False) -> list[dict]:
+    """Objects of `kind`; hooks=False: release objects only, True: hooks only, None: both."""
+    return [d for d in docs if d.get("kind") == kind and
+            (hooks is None or (HOOK in (d["metadata"].get("annotations") or {})) == hooks)]
+
+
+def one(docs: list[dict], kind: str, hooks: bool = False) -> dict:
+    found = kinds(docs, kind, hooks)
+    assert len(found) == 1, f"expected one {kind} (hook={hooks}), got {len(found)}"
     return found[0]
 
 
@@ -64,74 +94,320 @@ def authsync_accepts(toml: str, env: dict[str, str]) -> tuple[bool, str]:
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def scenario(name: str, values: dict | None) -> dict[str, list[dict]]:
+def rejected(values: dict, needle: str, label: str, api_versions: list[str] | None = None) -> None:
+    try:
+        render(values, api_versions)
+        check(False, f"{label} is rejected")
+    except Exception as e:  # noqa: BLE001 - HelmRenderError / HelmValuesError
+        msg = " ".join(str(e).split())
+        check(needle in msg, f"{label} is rejected ({msg[:140]})" + ("" if needle in msg else f" - expected {needle!r}"))
+
+
+def scenario(name: str, values: dict | None) -> list[dict]:
     docs = render(values)
     check(True, f"[{name}] renders; every manifest parses as YAML")
     lint = helm.lint(CHART, values, strict=True, namespace="apps")
     msgs = [m for m in lint.get("messages", []) if m.get("severity", 0) >= 2]
-    check(not lint.get("errors") and not msgs, f"[{name}] helm lint --strict: {lint.get('errors') or msgs or 'clean'}")
-    cm = by_kind(docs, "ConfigMap")
-    dep = by_kind(docs, "Deployment")
+    check(not lint.get("errors") and not msgs, f"[{name}] helm lint --strict (with values.schema.json): {lint.get('errors') or msgs or 'clean'}")
+    merged = helm.Chart.load(CHART).merge_values(values)
+
+    cm = one(docs, "ConfigMap")
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     toml = cm["data"]["authsync.toml"]
-    container = dep["spec"]["template"]["spec"]["containers"][0]
-    # Plain env values (extraEnv) apply as they would in the pod; secret refs get dummies.
+    # Plain env values (kafka.*, extraEnv) apply as they would in the pod; secret refs get dummies.
     env = {"AUTHSYNC_DATABASE_URL": "postgres://u:p@db:5432/authsync"}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
     ok, out = authsync_accepts(toml, env)
-    check(ok, f"[{name}] `authsync config` accepts the rendered authsync.toml" + ("" if ok else f":\n{out}\n{toml}"))
+    check(ok, f"[{name}] `authsync config` accepts the rendered authsync.toml and env" + ("" if ok else f":\n{out}\n{toml}"))
     check(container["args"][:3] == ["run", "--config", "/etc/authsync/authsync.toml"],
           f"[{name}] container runs `authsync run --config /etc/authsync/authsync.toml`")
+    check(container["env"][0]["name"] == "AUTHSYNC_DATABASE_URL"
+          and container["env"][0]["valueFrom"]["secretKeyRef"]["key"] == merged["database"]["existingSecretKey"],
+          f"[{name}] database URL from the Secret")
+    check(container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+          and container["readinessProbe"]["httpGet"]["path"] == "/readyz",
+          f"[{name}] liveness /healthz, readiness /readyz")
+    drain_ms = merged["config"].get("consumer", {}).get("drain_timeout_ms", 25000)
+    check(pod["terminationGracePeriodSeconds"] * 1000 >= drain_ms + 5000,
+          f"[{name}] terminationGracePeriodSeconds ({pod['terminationGracePeriodSeconds']}) > drain timeout ({drain_ms} ms) + 5 s")
+    check("checksum/config" in dep["spec"]["template"]["metadata"]["annotations"], f"[{name}] checksum/config annotation")
+    # Volume mounts all resolve to volumes.
+    vols = {v["name"]: v for v in pod["volumes"]}
+    check(all(m["name"] in vols for m in container["volumeMounts"]), f"[{name}] every volumeMount has a volume")
+
+    # KEDA owns the replica count when enabled.
+    keda = merged["keda"]["enabled"]
+    check(("replicas" in dep["spec"]) != keda,
+          f"[{name}] Deployment {'omits' if keda else 'sets'} replicas (keda.enabled={keda})")
+    check(len(kinds(docs, "ScaledObject")) == (1 if keda else 0), f"[{name}] ScaledObject only with keda.enabled")
+
+    # PodDisruptionBudget.
+    pdbs = kinds(docs, "PodDisruptionBudget")
+    if merged["pdb"]["enabled"]:
+        check(len(pdbs) == 1 and pdbs[0]["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+              and (("maxUnavailable" in pdbs[0]["spec"]) != ("minAvailable" in pdbs[0]["spec"])),
+              f"[{name}] PDB selects the worker pods, with one of maxUnavailable / minAvailable")
+    else:
+        check(not pdbs, f"[{name}] no PDB when pdb.enabled=false")
+
+    # ServiceMonitor: never without the CRD's API; with it only when enabled.
+    check(not kinds(docs, "ServiceMonitor"), f"[{name}] no ServiceMonitor without monitoring.coreos.com/v1")
+    with_crds = render(values, CRDS)
+    sms = kinds(with_crds, "ServiceMonitor")
+    want_sm = merged["serviceMonitor"]["enabled"]
+    check(len(sms) == (1 if want_sm else 0),
+          f"[{name}] with monitoring.coreos.com/v1: ServiceMonitor {'rendered' if want_sm else 'absent (not enabled)'}")
+    if want_sm:
+        sm, svc = sms[0], one(with_crds, "Service")
+        ep = sm["spec"]["endpoints"][0]
+        check(all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+              and ep["port"] == svc["spec"]["ports"][0]["name"] and ep["path"] == "/metrics",
+              f"[{name}] ServiceMonitor selects the Service and scrapes port {ep['port']} /metrics")
+
+    # Migration hook.
+    hooks = [d for d in docs if HOOK in (d["metadata"].get("annotations") or {})]
+    if merged["migration"]["enabled"]:
+        job = one(docs, "Job", hooks=True)
+        ann = job["metadata"]["annotations"]
+        check(ann[HOOK] == "pre-install,pre-upgrade"
+              and ann["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+              and "helm.sh/hook-weight" in ann,
+              f"[{name}] migration Job: hook pre-install,pre-upgrade, weight, delete policy before-hook-creation,hook-succeeded")
+        jpod = job["spec"]["template"]["spec"]
+        jc = jpod["containers"][0]
+        check(jc["args"][:3] == ["migrate", "--config", "/etc/authsync/authsync.toml"] and jc["image"] == container["image"]
+              and jc.get("command") == container.get("command") and jpod["restartPolicy"] == "Never",
+              f"[{name}] migration Job runs `authsync migrate --config ...` with the worker's image")
+        check(jc["env"] == container["env"] and jc.get("envFrom") == container.get("envFrom"),
+              f"[{name}] migration Job has exactly the worker's env (database URL and Kafka Secrets)")
+        check(jc["volumeMounts"] == container["volumeMounts"], f"[{name}] migration Job has the worker's volume mounts")
+        hook_cm_name = next(v for v in jpod["volumes"] if v["name"] == "config")["configMap"]["name"]
+        check(hook_cm_name != cm["metadata"]["name"], f"[{name}] migration Job does not mount the release ConfigMap (absent at pre-install)")
+        hook_cms = [d for d in hooks if d["kind"] == "ConfigMap" and d["metadata"]["name"] == hook_cm_name]
+        check(len(hook_cms) == 1 and hook_cms[0]["data"] == cm["data"],
+              f"[{name}] the Job's config is a hook ConfigMap with the worker's authsync.toml")
+        weight = int(ann["helm.sh/hook-weight"])
+        check(all(int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) < weight
+                  and d["metadata"]["annotations"][HOOK] == ann[HOOK] for d in hooks if d is not job),
+              f"[{name}] hook ConfigMap / ServiceAccount come before the Job (lower hook-weight)")
+        release_sas = [d["metadata"]["name"] for d in kinds(docs, "ServiceAccount")]
+        check(jpod["serviceAccountName"] not in release_sas,
+              f"[{name}] migration Job does not use the release's ServiceAccount (absent at pre-install): {jpod['serviceAccountName']}")
+        if merged["serviceAccount"]["create"]:
+            check(any(d["kind"] == "ServiceAccount" and d["metadata"]["name"] == jpod["serviceAccountName"] for d in hooks),
+                  f"[{name}] ... it uses a hook ServiceAccount")
+        jv = [v for v in jpod["volumes"] if v["name"] != "config"]
+        wv = [v for v in pod["volumes"] if v["name"] != "config"]
+        check(jv == wv, f"[{name}] migration Job has the worker's other volumes (tmp, Kafka TLS, extra)")
+        check(jc["securityContext"] == container["securityContext"], f"[{name}] migration Job keeps the securityContext")
+        check(not any(HOOK in (d["metadata"].get("annotations") or {}) for d in docs if d["kind"] in ("Deployment", "Service")),
+              f"[{name}] only the migration objects are hooks")
+    else:
+        check(not hooks, f"[{name}] no hooks when migration.enabled=false")
     return docs
 
 
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# ---------------------------------------------------------------------------------------
+# Defaults.
 default_docs = scenario("defaults", None)
-dep = by_kind(default_docs, "Deployment")
+dep = one(default_docs, "Deployment")
 pod = dep["spec"]["template"]["spec"]
 c = pod["containers"][0]
+check(dep["spec"]["replicas"] == 1, "replicas defaults to 1")
 check(pod["terminationGracePeriodSeconds"] == 40, "terminationGracePeriodSeconds defaults to 40")
-check(c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz",
-      "liveness /healthz, readiness /readyz")
 check(c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}], "container port http 8080")
 check(c["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"],
       "readOnlyRootFilesystem and runAsNonRoot")
 check([e["name"] for e in c["env"]] == ["AUTHSYNC_DATABASE_URL"], "only the database URL env by default")
-svc = by_kind(default_docs, "Service")
+svc = one(default_docs, "Service")
 check(svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == 8080, "service port http 8080")
+check(one(default_docs, "PodDisruptionBudget")["spec"] == {
+    "maxUnavailable": 1, "selector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}},
+      "PDB enabled by default with maxUnavailable 1")
+check(not kinds(render(None, CRDS), "ServiceMonitor"), "ServiceMonitor off by default even with the CRD present")
+check(not kinds(default_docs, "ScaledObject", None) and not kinds(default_docs, "TriggerAuthentication", None),
+      "no KEDA objects by default")
+job = one(default_docs, "Job", hooks=True)
+check(job["metadata"]["annotations"]["helm.sh/hook-weight"] == "-5"
+      and job["spec"]["template"]["spec"]["serviceAccountName"] == "demo-authsync-migrate",
+      "default migration Job: hook-weight -5, hook ServiceAccount demo-authsync-migrate")
+toml = one(default_docs, "ConfigMap")["data"]["authsync.toml"]
+check("[merge]" in toml and "fetch_wait_max_ms = 10" in toml, "config has the [merge] section and consumer.fetch_wait_max_ms")
+notes = render_raw(None)["authsync/templates/NOTES.txt"]
+check("migrat" in notes and "demo-authsync" in notes, "NOTES.txt renders")
 
+# ---------------------------------------------------------------------------------------
+# ci/*-values.yaml.
 for path in sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml"))):
+    base = os.path.basename(path)
     with open(path) as f:
         values = yaml.safe_load(f)
-    docs = scenario(os.path.basename(path), values)
-    if path.endswith("sasl-values.yaml"):
-        c = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-        names = [e["name"] for e in c["env"]]
-        check("AUTHSYNC_KAFKA_PROPERTY_SASL_USERNAME" in names and "AUTHSYNC_KAFKA_PROPERTY_SASL_PASSWORD" in names,
-              "SASL credentials come from the Secret")
-        check("--create-topics" in c["args"], "run.createTopics adds --create-topics")
-        check("@sha256:" in c["image"], "image digest is used")
+    docs = scenario(base, values)
+    c = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(c)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    if base == "sasl-values.yaml":
+        check("AUTHSYNC_KAFKA_PROPERTY_SASL_USERNAME" in env and "AUTHSYNC_KAFKA_PROPERTY_SASL_PASSWORD" in env,
+              f"[{base}] SASL credentials come from the Secret")
+        check("--create-topics" in c["args"], f"[{base}] run.createTopics adds --create-topics")
+        check("@sha256:" in c["image"], f"[{base}] image digest is used")
+    if base == "production-values.yaml":
+        check(env["AUTHSYNC_KAFKA_PROPERTY_SECURITY_PROTOCOL"]["value"] == "SASL_SSL"
+              and env["AUTHSYNC_KAFKA_PROPERTY_SASL_MECHANISM"]["value"] == "SCRAM-SHA-512",
+              f"[{base}] security.protocol and sasl.mechanism passed as AUTHSYNC_KAFKA_PROPERTY_*")
+        check(env["AUTHSYNC_KAFKA_PROPERTY_SASL_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "authsync-kafka-scram", "key": "user"}
+              and env["AUTHSYNC_KAFKA_PROPERTY_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "authsync-kafka-scram", "key": "password"},
+              f"[{base}] SASL username / password from the Secret's configured keys")
+        ca = env["AUTHSYNC_KAFKA_PROPERTY_SSL_CA_LOCATION"]["value"]
+        check(os.path.dirname(ca) == mounts.get("kafka-ca")
+              and vols["kafka-ca"]["secret"] == {"secretName": "kafka-cluster-ca-cert", "items": [{"key": "ca.crt", "path": os.path.basename(ca)}]},
+              f"[{base}] CA Secret mounted and AUTHSYNC_KAFKA_PROPERTY_SSL_CA_LOCATION={ca} points at it")
+        cert = env["AUTHSYNC_KAFKA_PROPERTY_SSL_CERTIFICATE_LOCATION"]["value"]
+        key = env["AUTHSYNC_KAFKA_PROPERTY_SSL_KEY_LOCATION"]["value"]
+        check(os.path.dirname(cert) == os.path.dirname(key) == mounts.get("kafka-client-cert")
+              and vols["kafka-client-cert"]["secret"]["secretName"] == "authsync-kafka-client-tls"
+              and env["AUTHSYNC_KAFKA_PROPERTY_SSL_KEY_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "key-password",
+              f"[{base}] client certificate / key mounted from the Secret, key password from it")
+        check(not any("password" in str(v).lower() for v in one(docs, "ConfigMap")["data"].values()),
+              f"[{base}] no credential in the ConfigMap")
+        pdb = one(docs, "PodDisruptionBudget")["spec"]
+        check(pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow",
+              f"[{base}] PDB maxUnavailable 1, unhealthyPodEvictionPolicy AlwaysAllow")
+        sm = one(render(values, CRDS), "ServiceMonitor")
+        check(sm["metadata"]["labels"].get("release") == "kube-prometheus-stack" and sm["spec"]["endpoints"][0]["interval"] == "15s",
+              f"[{base}] ServiceMonitor carries the Prometheus selector label and interval")
+        job = one(docs, "Job", hooks=True)
+        hook_sa = one(docs, "ServiceAccount", hooks=True)
+        check(job["spec"]["ttlSecondsAfterFinished"] == 86400 and job["spec"]["activeDeadlineSeconds"] == 900
+              and job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "256Mi"
+              and hook_sa["metadata"]["annotations"].get("eks.amazonaws.com/role-arn"),
+              f"[{base}] migration Job settings; hook ServiceAccount keeps the ServiceAccount annotations")
+    if base == "keda-values.yaml":
+        docs_k = docs
+        so = one(docs_k, "ScaledObject")
+        spec = so["spec"]
+        check(spec["scaleTargetRef"]["name"] == one(docs_k, "Deployment")["metadata"]["name"],
+              f"[{base}] ScaledObject targets the Deployment")
+        check(spec["minReplicaCount"] == 2 and spec["maxReplicaCount"] == 8,
+              f"[{base}] min 2, max = config.topics.partitions (8) by default")
+        trig = spec["triggers"]
+        check([t["metadata"]["topic"] for t in trig] == ["idp.logins.v2", "idp.merges.v2"] and all(t["type"] == "kafka" for t in trig),
+              f"[{base}] kafka triggers on the login and merge topics")
+        m = trig[0]["metadata"]
+        check(m["consumerGroup"] == "authsync-keda" and m["bootstrapServers"] == "b-1.kafka:9096,b-2.kafka:9096"
+              and m["lagThreshold"] == "500" and m["activationLagThreshold"] == "10" and m["offsetResetPolicy"] == "earliest"
+              and m["allowIdleConsumers"] == "false" and m["excludePersistentLag"] == "true",
+              f"[{base}] trigger metadata: group = config.kafka.group_id, brokers, thresholds as strings, allowIdleConsumers false")
+        check(all(isinstance(v, str) for t in trig for v in t["metadata"].values()), f"[{base}] all trigger metadata are strings")
+        check(m["sasl"] == "scram_sha256" and m["tls"] == "enable", f"[{base}] KEDA sasl=scram_sha256 tls=enable from kafka.*")
+        ta = one(docs_k, "TriggerAuthentication")
+        params = {r["parameter"]: r for r in ta["spec"].get("secretTargetRef", [])}
+        check(all(t["authenticationRef"]["name"] == ta["metadata"]["name"] for t in trig)
+              and params["username"]["name"] == "kafka-sasl" and params["password"]["key"] == "password"
+              and ta["spec"]["configMapTargetRef"] == [{"parameter": "ca", "name": "kafka-ca-bundle", "key": "ca.pem"}],
+              f"[{base}] TriggerAuthentication with the SASL Secret and the CA ConfigMap, referenced by the triggers")
+        check(spec["fallback"]["replicas"] == 4 and "scaleDown" in spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
+              f"[{base}] fallback and HPA behavior passed through")
+        check(vols["kafka-ca"]["configMap"]["name"] == "kafka-ca-bundle"
+              and env["AUTHSYNC_KAFKA_PROPERTY_SSL_CA_LOCATION"]["value"].startswith(mounts["kafka-ca"] + "/"),
+              f"[{base}] CA from a ConfigMap mounted and passed as ssl.ca.location")
+        check(one(docs_k, "Job", hooks=True)["spec"]["template"]["spec"]["serviceAccountName"] == "authsync-existing"
+              and not kinds(docs_k, "ServiceAccount", None),
+              f"[{base}] serviceAccount.create=false: no ServiceAccount, the Job uses the existing one")
+
+# ---------------------------------------------------------------------------------------
+# Variations.
+docs = render({"keda": {"enabled": True, "mergeTrigger": False, "maxReplicaCount": 3}})
+so = one(docs, "ScaledObject")
+check("replicas" not in one(docs, "Deployment")["spec"] and so["spec"]["maxReplicaCount"] == 3
+      and [t["metadata"]["topic"] for t in so["spec"]["triggers"]] == ["auth.login.v1"]
+      and so["spec"]["triggers"][0]["metadata"]["sasl"] == "none" and "authenticationRef" not in so["spec"]["triggers"][0]
+      and not kinds(docs, "TriggerAuthentication"),
+      "KEDA plaintext: one login trigger, explicit maxReplicaCount, no TriggerAuthentication")
+docs = render({"keda": {"enabled": True, "authenticationRef": "shared-kafka-auth"},
+               "config": {"kafka": {"properties": {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"}}}})
+t = one(docs, "ScaledObject")["spec"]["triggers"][0]
+check(t["authenticationRef"]["name"] == "shared-kafka-auth" and t["metadata"]["sasl"] == "plaintext"
+      and t["metadata"]["tls"] == "enable" and not kinds(docs, "TriggerAuthentication"),
+      "KEDA: security settings from config.kafka.properties; existing TriggerAuthentication used as is")
+docs = render({"migration": {"enabled": False}, "pdb": {"enabled": False}, "service": {"enabled": False},
+               "serviceMonitor": {"enabled": True}}, None)
+check(not kinds(docs, "Job", None) and not kinds(docs, "PodDisruptionBudget") and not kinds(docs, "Service"),
+      "migration, PDB and Service can be turned off")
+docs = render({"pdb": {"minAvailable": "50%"}})
+check(one(docs, "PodDisruptionBudget")["spec"].get("minAvailable") == "50%"
+      and "maxUnavailable" not in one(docs, "PodDisruptionBudget")["spec"], "pdb.minAvailable replaces maxUnavailable")
+docs = render({"serviceMonitor": {"enabled": True, "namespace": "monitoring"}}, CRDS)
+sm = one(docs, "ServiceMonitor")
+check(sm["metadata"]["namespace"] == "monitoring" and sm["spec"]["namespaceSelector"]["matchNames"] == ["apps"],
+      "ServiceMonitor in another namespace selects the release namespace")
 
 # checksum/config follows the config.
-a = by_kind(render(None), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-b = by_kind(render({"config": {"consumer": {"batch_size": 499}}}), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-c2 = by_kind(render({"replicaCount": 2}), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+a = one(render(None), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+b = one(render({"config": {"consumer": {"batch_size": 499}}}), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+c2 = one(render({"replicaCount": 2}), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 check(a != b and a == c2, "checksum/config changes with the config, and only with it")
 
-# Guards.
+# values.schema.json.
+chart = helm.Chart.load(CHART)
+try:
+    chart.validate_schema(None)
+    check(True, "values.schema.json accepts the default values")
+except Exception as e:  # noqa: BLE001
+    check(False, f"values.schema.json accepts the default values: {e}")
+lint = helm.lint(CHART, {"replicaCount": "two"}, strict=True, namespace="apps")
+check(bool(lint.get("errors") or [m for m in lint.get("messages", []) if m.get("severity", 0) >= 2]),
+      "helm lint fails on replicaCount: \"two\" (schema)")
 for label, values, needle in [
-    ("grace period too short", {"terminationGracePeriodSeconds": 29}, "terminationGracePeriodSeconds"),
-    ("grace vs raised drain timeout", {"config": {"consumer": {"drain_timeout_ms": 60000}}}, "drain_timeout_ms"),
-    ("database.url in config", {"config": {"database": {"url": "postgres://u:p@db/x"}}}, "database.url"),
-    ("password in kafka.properties", {"config": {"kafka": {"properties": {"sasl.password": "x"}}}}, "credential"),
-    ("http.listen in config", {"config": {"http": {"listen": "0.0.0.0:1"}}}, "containerPort"),
-    ("non-map section", {"config": {"log": "debug"}}, "must be a section"),
+    ("schema: replicaCount \"two\"", {"replicaCount": "two"}, "/replicaCount"),
+    ("schema: unknown top-level key (typo)", {"replicas": 3}, "replicas"),
+    ("schema: image.pullPolicy", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ("schema: resources as a string", {"resources": "big"}, "/resources"),
+    ("schema: database.existingSecretKey empty", {"database": {"existingSecretKey": ""}}, "/database/existingSecretKey"),
+    ("schema: kafka.securityProtocol", {"kafka": {"securityProtocol": "TLS"}}, "/kafka/securityProtocol"),
+    ("schema: kafka.sasl.mechanism", {"kafka": {"sasl": {"mechanism": "scram"}}}, "/kafka/sasl/mechanism"),
+    ("schema: unknown kafka.tls key", {"kafka": {"tls": {"enabled": True}}}, "/kafka/tls"),
+    ("schema: serviceMonitor.enabled as a string", {"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+    ("schema: pdb.maxUnavailable", {"pdb": {"maxUnavailable": "one"}}, "/pdb/maxUnavailable"),
+    ("schema: migration.backoffLimit", {"migration": {"backoffLimit": -1}}, "/migration/backoffLimit"),
+    ("schema: keda.offsetResetPolicy", {"keda": {"offsetResetPolicy": "none"}}, "/keda/offsetResetPolicy"),
+    ("schema: keda.lagThreshold", {"keda": {"lagThreshold": "100"}}, "/keda/lagThreshold"),
+    ("schema: config section not an object", {"config": {"log": "debug"}}, "/config/log"),
+    ("schema: unknown config section", {"config": {"consumers": {"batch_size": 1}}}, "consumers"),
+    ("schema: config.consumer.batch_size range", {"config": {"consumer": {"batch_size": 20000}}}, "/config/consumer/batch_size"),
+    ("schema: config.merge.report_list_limit type", {"config": {"merge": {"report_list_limit": "all"}}}, "/config/merge/report_list_limit"),
+    ("schema: config.relay.compression", {"config": {"relay": {"compression": "brotli"}}}, "/config/relay/compression"),
 ]:
-    try:
-        render(values)
-        check(False, f"guard: {label} is rejected")
-    except Exception as e:  # noqa: BLE001 - HelmRenderError
-        check(needle in str(e), f"guard: {label} is rejected ({str(e).splitlines()[0][:120]})")
+    rejected(values, needle, label)
+
+# Guards (template fail messages).
+for label, values, needle, caps in [
+    ("grace period too short", {"terminationGracePeriodSeconds": 29}, "terminationGracePeriodSeconds", None),
+    ("grace vs raised drain timeout", {"config": {"consumer": {"drain_timeout_ms": 60000}}}, "drain_timeout_ms", None),
+    ("database.url in config", {"config": {"database": {"url": "postgres://u:p@db/x"}}}, "database.url", None),
+    ("password in kafka.properties", {"config": {"kafka": {"properties": {"sasl.password": "x"}}}}, "credential", None),
+    ("http.listen in config", {"config": {"http": {"listen": "0.0.0.0:1"}}}, "containerPort", None),
+    ("security.protocol twice", {"kafka": {"securityProtocol": "SSL"},
+                                 "config": {"kafka": {"properties": {"security.protocol": "SSL"}}}}, "both set", None),
+    ("ssl.ca.location with kafka.tls.ca", {"kafka": {"tls": {"ca": {"existingSecret": "ca"}}},
+                                           "config": {"kafka": {"properties": {"ssl.ca.location": "/x"}}}}, "ssl.ca.location", None),
+    ("CA from Secret and ConfigMap", {"kafka": {"tls": {"ca": {"existingSecret": "a", "existingConfigMap": "b"}}}}, "not both", None),
+    ("KEDA max below min", {"keda": {"enabled": True, "minReplicaCount": 4, "maxReplicaCount": 2}}, "maxReplicaCount", None),
+    ("KEDA with SASL but no credentials", {"keda": {"enabled": True}, "kafka": {"securityProtocol": "SASL_SSL", "sasl": {"mechanism": "PLAIN"}}},
+     "kafka.sasl.existingSecret", None),
+    ("ServiceMonitor without Service", {"serviceMonitor": {"enabled": True}, "service": {"enabled": False}}, "service.enabled", CRDS),
+]:
+    rejected(values, needle, f"guard: {label}", caps)
 
 print(f"{len(failures)} failed" if failures else "all chart checks passed")
 sys.exit(1 if failures else 0)

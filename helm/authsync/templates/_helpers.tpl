@@ -41,7 +41,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-Selector labels of the worker pods (also for a later PodDisruptionBudget / ServiceMonitor).
+Labels of the migration hook objects (component: migration, so no worker selector matches).
+*/}}
+{{- define "authsync.migrationLabels" -}}
+helm.sh/chart: {{ include "authsync.chart" . }}
+app.kubernetes.io/name: {{ include "authsync.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: migration
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels of the worker pods (Deployment, Service, PodDisruptionBudget, ServiceMonitor).
 */}}
 {{- define "authsync.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "authsync.name" . }}
@@ -83,6 +97,11 @@ Name of the ConfigMap holding authsync.toml.
 */}}
 {{- define "authsync.configMapName" -}}
 {{- printf "%s-config" (include "authsync.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Name of the migration hook Job (and of its ConfigMap / ServiceAccount). */}}
+{{- define "authsync.migrationName" -}}
+{{- printf "%s-migrate" (include "authsync.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/* Where the config file is mounted, and its path. */}}
@@ -162,16 +181,70 @@ and booleans are valid TOML, and integers never come out in exponent form. Sub-t
 {{- end }}
 
 {{/*
-Environment of every authsync container (the worker now; a migration Job later):
-secrets first, then extraEnv.
+Effective librdkafka security.protocol / sasl.mechanism: the kafka.* value, else the one in
+config.kafka.properties, else "".
+*/}}
+{{- define "authsync.kafkaProperty" -}}
+{{- $props := ((.root.Values.config | default dict).kafka | default dict).properties | default dict }}
+{{- .value | default (get $props .name) | default "" }}
+{{- end }}
+{{- define "authsync.kafkaSecurityProtocol" -}}
+{{- include "authsync.kafkaProperty" (dict "root" . "value" .Values.kafka.securityProtocol "name" "security.protocol") | upper }}
+{{- end }}
+{{- define "authsync.kafkaSaslMechanism" -}}
+{{- include "authsync.kafkaProperty" (dict "root" . "value" .Values.kafka.sasl.mechanism "name" "sasl.mechanism") | upper }}
+{{- end }}
+
+{{/* Where Kafka TLS material is mounted (outside the config mount). */}}
+{{- define "authsync.kafkaCaDir" -}}/etc/authsync-kafka/ca{{- end }}
+{{- define "authsync.kafkaCaPath" -}}{{ include "authsync.kafkaCaDir" . }}/ca.crt{{- end }}
+{{- define "authsync.kafkaClientCertDir" -}}/etc/authsync-kafka/client{{- end }}
+
+{{/*
+Check: a setting given both as a kafka.* value and in config.kafka.properties (the
+environment variable would silently win).
+*/}}
+{{- define "authsync.checkKafkaSettings" -}}
+{{- $props := ((.Values.config | default dict).kafka | default dict).properties | default dict }}
+{{- $k := .Values.kafka }}
+{{- if and $k.securityProtocol (hasKey $props "security.protocol") }}
+{{- fail "kafka.securityProtocol and config.kafka.properties.security.protocol are both set: keep one" }}
+{{- end }}
+{{- if and $k.sasl.mechanism (hasKey $props "sasl.mechanism") }}
+{{- fail "kafka.sasl.mechanism and config.kafka.properties.sasl.mechanism are both set: keep one" }}
+{{- end }}
+{{- if and (or $k.tls.ca.existingSecret $k.tls.ca.existingConfigMap) (hasKey $props "ssl.ca.location") }}
+{{- fail "config.kafka.properties.ssl.ca.location must not be set together with kafka.tls.ca: the chart mounts the CA and sets ssl.ca.location itself" }}
+{{- end }}
+{{- if and $k.tls.ca.existingSecret $k.tls.ca.existingConfigMap }}
+{{- fail "kafka.tls.ca: set existingSecret or existingConfigMap, not both" }}
+{{- end }}
+{{- if and $k.tls.clientCert.existingSecret (or (hasKey $props "ssl.certificate.location") (hasKey $props "ssl.key.location")) }}
+{{- fail "config.kafka.properties.ssl.certificate.location / ssl.key.location must not be set together with kafka.tls.clientCert" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of every authsync container (the worker and the migration Job): secrets and
+Kafka security settings first, then extraEnv. librdkafka properties are passed as
+AUTHSYNC_KAFKA_PROPERTY_<NAME> (`_` becomes `.`).
 */}}
 {{- define "authsync.env" -}}
+{{- include "authsync.checkKafkaSettings" . -}}
 - name: AUTHSYNC_DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "authsync.databaseSecretName" . }}
       key: {{ .Values.database.existingSecretKey }}
+{{- with .Values.kafka.securityProtocol }}
+- name: AUTHSYNC_KAFKA_PROPERTY_SECURITY_PROTOCOL
+  value: {{ . | quote }}
+{{- end }}
 {{- with .Values.kafka.sasl }}
+{{- if .mechanism }}
+- name: AUTHSYNC_KAFKA_PROPERTY_SASL_MECHANISM
+  value: {{ .mechanism | quote }}
+{{- end }}
 {{- if .existingSecret }}
 - name: AUTHSYNC_KAFKA_PROPERTY_SASL_USERNAME
   valueFrom:
@@ -185,9 +258,117 @@ secrets first, then extraEnv.
       key: {{ .passwordKey }}
 {{- end }}
 {{- end }}
+{{- if or .Values.kafka.tls.ca.existingSecret .Values.kafka.tls.ca.existingConfigMap }}
+- name: AUTHSYNC_KAFKA_PROPERTY_SSL_CA_LOCATION
+  value: {{ include "authsync.kafkaCaPath" . | quote }}
+{{- end }}
+{{- with .Values.kafka.tls.clientCert }}
+{{- if .existingSecret }}
+- name: AUTHSYNC_KAFKA_PROPERTY_SSL_CERTIFICATE_LOCATION
+  value: {{ printf "%s/tls.crt" (include "authsync.kafkaClientCertDir" $) | quote }}
+- name: AUTHSYNC_KAFKA_PROPERTY_SSL_KEY_LOCATION
+  value: {{ printf "%s/tls.key" (include "authsync.kafkaClientCertDir" $) | quote }}
+{{- if .keyPasswordKey }}
+- name: AUTHSYNC_KAFKA_PROPERTY_SSL_KEY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .keyPasswordKey }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Volume mounts / volumes of every authsync container: the config file, /tmp, the Kafka TLS
+material, then the extra ones. `configMapName` selects the ConfigMap (the migration Job
+uses its own hook ConfigMap).
+*/}}
+{{- define "authsync.volumeMounts" -}}
+- name: config
+  mountPath: {{ include "authsync.configDir" . }}
+  readOnly: true
+# Writable scratch space: the root filesystem is read-only.
+- name: tmp
+  mountPath: /tmp
+{{- if or .Values.kafka.tls.ca.existingSecret .Values.kafka.tls.ca.existingConfigMap }}
+- name: kafka-ca
+  mountPath: {{ include "authsync.kafkaCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.kafka.tls.clientCert.existingSecret }}
+- name: kafka-client-cert
+  mountPath: {{ include "authsync.kafkaClientCertDir" . }}
+  readOnly: true
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "authsync.volumes" -}}
+{{- $root := .root -}}
+- name: config
+  configMap:
+    name: {{ .configMapName }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- with $root.Values.kafka.tls.ca }}
+{{- if .existingSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ .existingSecret }}
+    items:
+      - key: {{ .key }}
+        path: ca.crt
+{{- else if .existingConfigMap }}
+- name: kafka-ca
+  configMap:
+    name: {{ .existingConfigMap }}
+    items:
+      - key: {{ .key }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+{{- with $root.Values.kafka.tls.clientCert }}
+{{- if .existingSecret }}
+- name: kafka-client-cert
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0400
+    items:
+      - key: {{ .certKey }}
+        path: tls.crt
+      - key: {{ .keyKey }}
+        path: tls.key
+{{- end }}
+{{- end }}
+{{- with $root.Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+data of the config ConfigMap (shared by the chart's ConfigMap and the migration hook's).
+*/}}
+{{- define "authsync.configMapData" -}}
+authsync.toml: |
+  # Rendered by the authsync Helm chart from .Values.config.
+  # Secrets (database URL, Kafka credentials) come from environment variables.
+  {{- include "authsync.configToml" . | nindent 2 }}
+{{- end }}
+
+{{/*
+Number of worker replicas KEDA may scale to: keda.maxReplicaCount, else the partition
+count of the login topic (config.topics.partitions): more pods than partitions sit idle.
+*/}}
+{{- define "authsync.kedaMaxReplicas" -}}
+{{- $topics := (.Values.config | default dict).topics | default dict }}
+{{- if .Values.keda.maxReplicaCount }}{{ int .Values.keda.maxReplicaCount }}{{ else }}{{ int (get $topics "partitions" | default 6) }}{{ end }}
 {{- end }}
 
 {{/*

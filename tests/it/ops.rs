@@ -1,0 +1,252 @@
+//! Operator commands against real Postgres and the Kafka protocol.
+
+use authsync::ops::dlq::{self, RedriveRequest};
+use authsync::ops::outbox;
+use authsync::ops::replay::{self, ReplayFrom, ReplayRequest};
+use authsync::relay;
+use authsync::telemetry::Metrics;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+fn replay_request(h: &Harness, reprocess: bool, dry_run: bool) -> ReplayRequest {
+    ReplayRequest {
+        topic: h.config.topics.login.clone(),
+        group: h.config.kafka.group_id.clone(),
+        from: ReplayFrom::Beginning,
+        reprocess,
+        dry_run,
+    }
+}
+
+/// A bug corrupted derived state; after the fix, `replay --reprocess` re-derives it from
+/// the events, and no result event is announced twice. (On the real broker process:
+/// librdkafka's mock coordinator cannot describe groups.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_a_simulated_bug_rederives_state_and_announces_nothing_twice() {
+    let Some(mut h) = Harness::on_real_broker(|_| {}).await else {
+        return;
+    };
+    h.start().await;
+    for i in 0..10 {
+        h.produce(
+            &format!("p:u{}", i % 5),
+            &login(
+                &format!("r-{i}"),
+                &format!("2026-05-01T10:00:{i:02}Z"),
+                json!({"provider": "p", "subject": format!("u{}", i % 5), "displayName": format!("Name {}", i % 5)}),
+            ),
+        )
+        .await;
+    }
+    h.wait_handled(10).await;
+    h.wait_published().await;
+    h.stop().await;
+    let outbox_before = h.db.count("SELECT count(*) FROM outbox").await;
+    assert_eq!(outbox_before, 15, "10 synced + 5 signed_up");
+
+    // The "bug": derived state went wrong.
+    sqlx::raw_sql("UPDATE users SET auth_display_name = 'BUG'")
+        .execute(&h.db.pool)
+        .await
+        .expect("corrupt");
+
+    // A dry run changes nothing.
+    let dry = replay::run(&h.config, &h.db.pool, &replay_request(&h, true, true))
+        .await
+        .expect("dry run");
+    assert!(!dry.applied);
+    assert_eq!(dry.plans.iter().map(|p| p.rereads()).sum::<i64>(), 10);
+    assert_eq!(h.db.count("SELECT count(*) FROM inbox").await, 10);
+    assert!(replay::render(&replay_request(&h, true, true), &dry).contains("nothing was changed"));
+
+    let done = replay::run(&h.config, &h.db.pool, &replay_request(&h, true, false))
+        .await
+        .expect("replay");
+    assert!(done.applied);
+    assert_eq!(done.inbox_rows_deleted, 10);
+    h.start().await;
+    h.wait_handled(10).await;
+    h.wait_published().await;
+    h.stop().await;
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM users WHERE auth_display_name = 'BUG'")
+            .await,
+        0,
+        "state re-derived from the events"
+    );
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox").await,
+        outbox_before,
+        "no new result ids"
+    );
+
+    // A plain replay (no --reprocess): everything is a duplicate.
+    replay::run(&h.config, &h.db.pool, &replay_request(&h, false, false))
+        .await
+        .expect("replay");
+    h.start().await;
+    wait_for("10 duplicates", || async {
+        h.worker()
+            .metrics
+            .duplicates
+            .with_label_values(&[&h.config.topics.login])
+            .get()
+            == 10
+    })
+    .await;
+    h.stop().await;
+    let out = h.outputs(15).await;
+    assert_eq!(out.len(), 15, "each result event published once");
+    let mut ids: Vec<String> = out.iter().map(|o| o.json()["id"].to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_refuses_while_the_group_has_live_members() {
+    let Some(mut h) = Harness::on_real_broker(|_| {}).await else {
+        return;
+    };
+    h.start().await;
+    h.produce(
+        "p:x",
+        &login(
+            "x",
+            "2026-05-01T10:00:00Z",
+            json!({"provider": "p", "subject": "x"}),
+        ),
+    )
+    .await;
+    h.wait_handled(1).await;
+    wait_for("assignment", || async {
+        h.worker()
+            .metrics
+            .partitions_assigned
+            .with_label_values(&[&h.config.topics.login])
+            .get()
+            > 0
+    })
+    .await;
+    let err = replay::run(&h.config, &h.db.pool, &replay_request(&h, false, false))
+        .await
+        .expect_err("refused")
+        .to_string();
+    h.stop().await;
+    assert!(err.contains("live workers"), "{err}");
+    assert!(err.contains("Stop the workers"), "{err}");
+}
+
+/// Poison dead-lettered, the cause fixed (here: the size limit raised), redrive: the
+/// letter is applied once; a second redrive sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_after_the_fix_applies_each_letter_once() {
+    let mut h = Harness::with(|c| c.consumer.max_message_bytes = 4096).await;
+    h.start().await;
+    let big = login(
+        "big-one",
+        "2026-05-01T10:00:00Z",
+        // Large but valid (unknown fields are ignored): only the size limit rejects it.
+        json!({"provider": "p", "subject": "big", "padding": "x".repeat(5000)}),
+    );
+    h.produce_with("p:big", &big, None, &[("trace-id", b"t-1")])
+        .await;
+    h.produce("p:junk", b"not json at all").await;
+    h.wait_handled(2).await;
+    h.wait_published().await;
+    h.stop().await;
+
+    let dlq_topic = h.config.topics.dlq_for(&h.config.topics.login);
+    let letters = dlq::read_all(&h.config, &dlq_topic, None).expect("read");
+    assert_eq!(letters.len(), 2);
+    let summary = dlq::render_summary(&dlq_topic, &letters);
+    assert!(
+        summary.contains("too_large") && summary.contains("not_json"),
+        "{summary}"
+    );
+
+    // The fix.
+    h.config.consumer.max_message_bytes = 1 << 20;
+    h.start().await;
+    let request = RedriveRequest {
+        topic: dlq_topic.clone(),
+        filter_class: Some("too_large".into()),
+        limit: None,
+        dry_run: false,
+    };
+    let first = dlq::redrive(&h.config, &h.db.pool, &request, false)
+        .await
+        .expect("redrive");
+    assert_eq!(first.redriven.get("too_large"), Some(&1));
+    assert_eq!(first.skipped_filtered, 1);
+    wait_for("redriven login applied", || async {
+        h.db.count("SELECT count(*) FROM users").await == 1
+    })
+    .await;
+    let again = dlq::redrive(&h.config, &h.db.pool, &request, false)
+        .await
+        .expect("redrive again");
+    assert!(again.redriven.is_empty(), "nothing redriven twice");
+    assert_eq!(again.skipped_already_redriven, 1);
+    h.wait_published().await;
+    h.stop().await;
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox WHERE event_type = 'user.synced'")
+            .await,
+        1
+    );
+    let out = read_topics(&h.config.kafka.brokers, &[h.config.topics.login.clone()], 3).await;
+    let redriven: Vec<&Output> = out
+        .iter()
+        .filter(|o| !o.header("authsync-redriven-from").is_empty())
+        .collect();
+    assert_eq!(redriven.len(), 1);
+    assert_eq!(
+        redriven[0].key.as_deref(),
+        Some(&b"p:big"[..]),
+        "original key"
+    );
+    assert_eq!(redriven[0].header("trace-id"), "t-1", "original headers");
+    assert!(redriven[0].header("authsync-error-class").is_empty());
+    assert_eq!(redriven[0].value, big);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_status_shows_backlog_and_the_relay_leader() {
+    let h = Harness::new().await;
+    let mut conn = h.db.pool.acquire().await.expect("conn");
+    authsync::store::outbox::insert(
+        &mut conn,
+        &[authsync::store::outbox::NewMessage {
+            event_id: uuid::Uuid::new_v4(),
+            topic: h.config.topics.user_events.clone(),
+            key: None,
+            event_type: "test".into(),
+            payload: b"{}".to_vec(),
+            headers: vec![],
+        }],
+    )
+    .await
+    .expect("insert");
+    drop(conn);
+    let before = outbox::status(&h.db.pool).await.expect("status");
+    assert_eq!(before.backlog.unpublished, 1);
+    assert!(before.leader.is_none());
+    assert!(outbox::render(&before).contains("NONE"));
+
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (config, pool, token) = (h.config.clone(), h.db.pool.clone(), shutdown.clone());
+        tokio::spawn(async move { relay::run(&config, pool, Metrics::new(), token).await })
+    };
+    h.wait_published().await;
+    let after = outbox::status(&h.db.pool).await.expect("status");
+    shutdown.cancel();
+    task.await.expect("join").expect("relay");
+    assert_eq!(after.backlog.unpublished, 0);
+    assert_eq!(after.published_retained, 1);
+    let leader = after.leader.expect("a leader");
+    assert_eq!(leader.application_name, "authsync");
+}
