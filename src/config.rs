@@ -204,6 +204,10 @@ pub struct ConsumerConfig {
     /// librdkafka `fetch.wait.max.ms`: how long the broker may hold a fetch for more data.
     /// Low values cut latency on a trickle of events at the cost of more fetch requests.
     pub fetch_wait_max_ms: u64,
+    /// librdkafka `queued.max.messages.kbytes`: pre-fetched data kept per assigned
+    /// partition. Memory grows with it times the partitions a replica owns; larger values
+    /// speed up replays (duplicates are cheap, fetching is not).
+    pub prefetch_kbytes_per_partition: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -218,6 +222,7 @@ impl Default for ConsumerConfig {
             retry_max_ms: 30_000,
             unready_after_failures: 5,
             fetch_wait_max_ms: 10,
+            prefetch_kbytes_per_partition: 2048,
         }
     }
 }
@@ -462,6 +467,12 @@ impl Config {
             return Err(invalid(
                 "consumer.retry_max_ms",
                 "must be >= consumer.retry_initial_ms, and retry_initial_ms > 0",
+            ));
+        }
+        if !(256..=1_048_576).contains(&self.consumer.prefetch_kbytes_per_partition) {
+            return Err(invalid(
+                "consumer.prefetch_kbytes_per_partition",
+                "must be between 256 and 1048576",
             ));
         }
         if !(1..=50_000).contains(&self.relay.batch_size) {

@@ -217,8 +217,12 @@ pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
             config.kafka.session_timeout_ms.to_string(),
         )
         .set("enable.partition.eof", "false")
-        // Bound what librdkafka pre-fetches (memory), the partition tasks bound the rest.
-        .set("queued.max.messages.kbytes", "16384")
+        // Bound what librdkafka pre-fetches: the limit is per partition (16 MiB x 6
+        // partitions was most of the worker's memory); the partition queues bound the rest.
+        .set(
+            "queued.max.messages.kbytes",
+            config.consumer.prefetch_kbytes_per_partition.to_string(),
+        )
         .set(
             "fetch.wait.max.ms",
             config.consumer.fetch_wait_max_ms.to_string(),
