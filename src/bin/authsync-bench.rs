@@ -125,8 +125,7 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn login_value(id: &str, subject: usize, minute: usize, variant: usize, now: &str) -> Vec<u8> {
-    let _ = minute;
+fn login_value(id: &str, subject: usize, variant: usize, now: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "specversion": "1.0",
         "id": id,
@@ -171,7 +170,7 @@ fn logins(prefix: &str, users: usize, n: usize, round: usize) -> Vec<(String, Ve
             };
             (
                 format!("bench:user-{subject}"),
-                login_value(&id, subject, 0, variant, &time_at(seq as i64)),
+                login_value(&id, subject, variant, &time_at(seq as i64)),
             )
         })
         .collect()
@@ -587,7 +586,7 @@ impl Bench {
         let db = Db::create(&self.args.database_url).await?;
         let config = self.config(&db, &suffix, free_port()?);
         self.create_topics(&config).await?;
-        let payload = login_value("x", 1, 0, 0, &time_at(0));
+        let payload = login_value("x", 1, 0, &time_at(0));
         let rows: Vec<NewMessage> = (0..n)
             .map(|i| NewMessage {
                 event_id: uuid::Uuid::new_v4(),
@@ -679,7 +678,7 @@ impl Bench {
                     tick.tick().await;
                     let id = format!("l-{i}");
                     let key = format!("bench:user-{}", i % users);
-                    let value = login_value(&id, i % users, 0, i, &time_at(i as i64));
+                    let value = login_value(&id, i % users, i, &time_at(i as i64));
                     if let Ok(mut s) = sent.lock() {
                         s.insert(id, Instant::now());
                     }

@@ -46,12 +46,7 @@ pub fn raw<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
 }
 
 pub fn null() -> Box<RawValue> {
-    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable_null())
-}
-
-fn unreachable_null() -> Box<RawValue> {
-    // "null" is valid JSON; this path cannot be taken.
-    serde_json::value::to_raw_value(&()).unwrap_or_default()
+    RawValue::NULL.to_owned()
 }
 
 impl ResultEvent {

@@ -59,9 +59,9 @@ pub async fn insert(conn: &mut PgConnection, messages: &[NewMessage]) -> Result<
     }
     let ids: Vec<Uuid> = messages.iter().map(|m| m.event_id).collect();
     let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
-    let keys: Vec<Option<Vec<u8>>> = messages.iter().map(|m| m.key.clone()).collect();
+    let keys: Vec<Option<&[u8]>> = messages.iter().map(|m| m.key.as_deref()).collect();
     let types: Vec<&str> = messages.iter().map(|m| m.event_type.as_str()).collect();
-    let payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.payload.clone()).collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
     let headers: Vec<serde_json::Value> = messages
         .iter()
         .map(|m| encode_headers(&m.headers))
@@ -77,9 +77,9 @@ pub async fn insert(conn: &mut PgConnection, messages: &[NewMessage]) -> Result<
         "#,
         &ids,
         &topics as &[&str],
-        &keys as &[Option<Vec<u8>>],
+        &keys as &[Option<&[u8]>],
         &types as &[&str],
-        &payloads,
+        &payloads as &[&[u8]],
         &headers,
     )
     .execute(conn)
