@@ -352,6 +352,7 @@ impl Bench {
                 key: Some(key.as_bytes().to_vec()),
                 value: Some(value.clone()),
                 headers: vec![],
+                timestamp: None,
             });
         }
         let started = Instant::now();
@@ -749,6 +750,7 @@ impl Bench {
                 key: Some(k.as_bytes().to_vec()),
                 value: Some(v.clone()),
                 headers: vec![],
+                timestamp: None,
             })
             .collect();
         run_batch(&db.pool, &ctx, &AuthSync, &signups).await?;
@@ -787,6 +789,7 @@ impl Bench {
             key: Some(old.to_string().into_bytes()),
             value: Some(value),
             headers: vec![],
+            timestamp: None,
         };
         progress("merge: merging");
         let started = Instant::now();

@@ -246,6 +246,10 @@ fn to_input(message: &BorrowedMessage<'_>) -> InputMessage {
         key: message.key().map(<[u8]>::to_vec),
         value: message.payload().map(<[u8]>::to_vec),
         headers,
+        timestamp: message
+            .timestamp()
+            .to_millis()
+            .and_then(chrono::DateTime::from_timestamp_millis),
     }
 }
 

@@ -331,7 +331,6 @@ pub fn plan_signup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::login::ProvisioningHints;
     use chrono::TimeZone;
 
     fn at(hour: u32) -> DateTime<Utc> {
@@ -339,25 +338,12 @@ mod tests {
     }
 
     fn login(hour: u32) -> LoginEvent {
-        LoginEvent {
-            event_id: format!("e{hour}"),
-            source: "t".into(),
-            occurred_at: at(hour),
-            provider: "p".into(),
-            subject: "s".into(),
-            email: Some("a@x.io".into()),
-            email_verified: Some(false),
-            display_name: Some("A".into()),
-            photo_url: None,
-            locale: None,
-            device_id: None,
-            user_agent: None,
-            workflow_variants: None,
-            given_name: None,
-            family_name: None,
-            groups: Some(vec!["g1".into()]),
-            hints: ProvisioningHints::default(),
-        }
+        let mut event = LoginEvent::new(format!("e{hour}"), "t", at(hour), "p", "s");
+        event.email = Some("a@x.io".into());
+        event.email_verified = Some(false);
+        event.display_name = Some("A".into());
+        event.groups = Some(vec!["g1".into()]);
+        event
     }
 
     fn signed_up(hour: u32) -> (UserRecord, Vec<String>) {

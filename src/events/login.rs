@@ -21,15 +21,51 @@ pub struct ProvisioningHints {
     pub organization_collection_label: Option<String>,
 }
 
+/// What the provider says happened. Only logins move the login bookkeeping
+/// (`loginCount`, `lastLoginAt`); profile updates sync the profile alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LoginKind {
+    #[default]
+    Login,
+    /// The provider reports a registration (it is still applied idempotently: a known
+    /// identity is synced, not signed up twice).
+    Signup,
+    /// A profile change outside a login (Clerk `user.updated`, Keycloak `UPDATE_PROFILE`).
+    ProfileUpdate,
+}
+
+impl LoginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginKind::Login => "login",
+            LoginKind::Signup => "signup",
+            LoginKind::ProfileUpdate => "profile_update",
+        }
+    }
+
+    pub fn counts_as_login(self) -> bool {
+        !matches!(self, LoginKind::ProfileUpdate)
+    }
+}
+
+/// The connection (enterprise IdP link) the login came through, as in `$sync`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connection {
+    pub connection_id: Option<String>,
+    /// Sorted, de-duplicated.
+    pub groups: Vec<String>,
+}
+
 /// A validated login. `None` means "the event did not say": stored values are kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoginEvent {
-    /// CloudEvents `id`: the de-duplication key.
+    /// The de-duplication key: the CloudEvents `id`, or the id a provider adapter chose.
     pub event_id: String,
     pub source: String,
     pub occurred_at: DateTime<Utc>,
     pub provider: String,
     pub subject: String,
+    pub kind: LoginKind,
     /// Lower-cased, trimmed.
     pub email: Option<String>,
     pub email_verified: Option<bool>,
@@ -41,7 +77,17 @@ pub struct LoginEvent {
     pub workflow_variants: Option<Vec<String>>,
     pub given_name: Option<String>,
     pub family_name: Option<String>,
+    /// Sorted, de-duplicated.
     pub groups: Option<Vec<String>>,
+    /// `$sync` fields: the audience (client) the login is for.
+    pub audience: Option<String>,
+    /// Key/value attributes, sorted by key; for a repeated key the last value wins.
+    pub attributes: Option<Vec<(String, String)>>,
+    pub connection: Option<Connection>,
+    /// `$sync` `clientUpnKey`: the client whose custom UPN this login sets.
+    pub client_upn_key: Option<String>,
+    /// The UPN value for `client_upn_key`; when absent the login's email (else subject) is used.
+    pub custom_upn: Option<String>,
     pub hints: ProvisioningHints,
 }
 
@@ -50,6 +96,7 @@ pub struct LoginEvent {
 struct LoginData {
     provider: Option<String>,
     subject: Option<String>,
+    kind: Option<String>,
     email: Option<String>,
     is_email_verified: Option<bool>,
     display_name: Option<String>,
@@ -63,6 +110,11 @@ struct LoginData {
     given_name: Option<String>,
     family_name: Option<String>,
     groups: Option<Vec<String>>,
+    audience: Option<String>,
+    attributes: Option<Vec<AttributeData>>,
+    connection: Option<ConnectionData>,
+    client_upn_key: Option<String>,
+    custom_upn_value: Option<String>,
     default_organization_name: Option<String>,
     default_organization_display_name: Option<String>,
     default_organization_slug: Option<String>,
@@ -74,12 +126,27 @@ struct LoginData {
     default_organization_collection_label: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttributeData {
+    key: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConnectionData {
+    groups: Option<Vec<String>>,
+    connection_id: Option<String>,
+}
+
 /// Size limits at the edge, so a hostile payload cannot bloat rows or tokens.
-const MAX_KEY: usize = 255;
-const MAX_TEXT: usize = 512;
-const MAX_URL: usize = 2048;
-const MAX_EMAIL: usize = 320;
-const MAX_LIST: usize = 500;
+pub const MAX_KEY: usize = 255;
+pub const MAX_TEXT: usize = 512;
+pub const MAX_URL: usize = 2048;
+pub const MAX_EMAIL: usize = 320;
+pub const MAX_LIST: usize = 500;
+pub const MAX_ATTRIBUTE_VALUE: usize = 2048;
 
 fn check_len(field: &str, value: &Option<String>, max: usize) -> Result<(), DecodeError> {
     match value {
@@ -94,7 +161,7 @@ fn check_len(field: &str, value: &Option<String>, max: usize) -> Result<(), Deco
     }
 }
 
-fn check_list(field: &str, value: &Option<Vec<String>>) -> Result<(), DecodeError> {
+fn check_list(field: &str, value: Option<&Vec<String>>) -> Result<(), DecodeError> {
     if let Some(list) = value {
         if list.len() > MAX_LIST {
             return Err(DecodeError::new(
@@ -148,9 +215,198 @@ fn normalize_list(list: Option<Vec<String>>) -> Option<Vec<String>> {
 }
 
 impl LoginEvent {
-    /// Decodes a Kafka message value into a login event, or says precisely why it cannot be.
+    /// A login that says nothing beyond its identity; adapters fill in what they know and
+    /// then call [`LoginEvent::validated`].
+    pub fn new(
+        event_id: impl Into<String>,
+        source: impl Into<String>,
+        occurred_at: DateTime<Utc>,
+        provider: impl Into<String>,
+        subject: impl Into<String>,
+    ) -> Self {
+        LoginEvent {
+            event_id: event_id.into(),
+            source: source.into(),
+            occurred_at,
+            provider: provider.into(),
+            subject: subject.into(),
+            kind: LoginKind::Login,
+            email: None,
+            email_verified: None,
+            display_name: None,
+            photo_url: None,
+            locale: None,
+            device_id: None,
+            user_agent: None,
+            workflow_variants: None,
+            given_name: None,
+            family_name: None,
+            groups: None,
+            audience: None,
+            attributes: None,
+            connection: None,
+            client_upn_key: None,
+            custom_upn: None,
+            hints: ProvisioningHints::default(),
+        }
+    }
+
+    /// The edge checks every login passes, whatever payload it came from: identity keys
+    /// present and trimmed, sizes within limits, email well-formed and lower-cased, empty
+    /// strings dropped, lists sorted and de-duplicated. Field names in errors are the
+    /// normalized contract's (`data.<field>`).
+    pub fn validated(mut self) -> Result<Self, DecodeError> {
+        self.provider = required("provider", Some(std::mem::take(&mut self.provider)))?;
+        self.subject = required("subject", Some(std::mem::take(&mut self.subject)))?;
+        if self.event_id.is_empty() || self.event_id.len() > 256 {
+            return Err(DecodeError::new(
+                ErrorClass::InvalidField,
+                "the event id must be 1 to 256 bytes",
+            ));
+        }
+        check_len("provider", &Some(self.provider.clone()), MAX_KEY)?;
+        check_len("subject", &Some(self.subject.clone()), MAX_KEY)?;
+        check_len("email", &self.email, MAX_EMAIL)?;
+        check_len("photoURL", &self.photo_url, MAX_URL)?;
+        check_len("userAgent", &self.user_agent, MAX_URL)?;
+        check_len("audience", &self.audience, MAX_KEY)?;
+        check_len("clientUpnKey", &self.client_upn_key, MAX_KEY)?;
+        check_len("customUpnValue", &self.custom_upn, MAX_EMAIL)?;
+        let h = &self.hints;
+        for (field, value) in [
+            ("displayName", &self.display_name),
+            ("locale", &self.locale),
+            ("deviceID", &self.device_id),
+            ("givenName", &self.given_name),
+            ("familyName", &self.family_name),
+            ("defaultOrganizationName", &h.organization_name),
+            (
+                "defaultOrganizationDisplayName",
+                &h.organization_display_name,
+            ),
+            ("defaultOrganizationSlug", &h.organization_slug),
+            ("defaultProjectName", &h.project_name),
+            ("defaultProjectDisplayName", &h.project_display_name),
+            ("defaultProjectSlug", &h.project_slug),
+            (
+                "defaultPersonalCollectionLabel",
+                &h.personal_collection_label,
+            ),
+            (
+                "defaultFavoritesCollectionLabel",
+                &h.favorites_collection_label,
+            ),
+            (
+                "defaultOrganizationCollectionLabel",
+                &h.organization_collection_label,
+            ),
+        ] {
+            check_len(field, value, MAX_TEXT)?;
+        }
+        check_list("groups", self.groups.as_ref())?;
+        check_list("workflowVariants", self.workflow_variants.as_ref())?;
+        if let Some(c) = &self.connection {
+            check_list("connection.groups", Some(&c.groups))?;
+            check_len("connection.connectionId", &c.connection_id, MAX_KEY)?;
+        }
+        if let Some(attributes) = &self.attributes {
+            if attributes.len() > MAX_LIST {
+                return Err(DecodeError::new(
+                    ErrorClass::InvalidField,
+                    format!(
+                        "field `data.attributes` has {} entries, the limit is {MAX_LIST}",
+                        attributes.len()
+                    ),
+                ));
+            }
+            for (key, value) in attributes {
+                if key.trim().is_empty() || key.len() > MAX_KEY {
+                    return Err(DecodeError::new(
+                        ErrorClass::InvalidField,
+                        format!("an attribute key of `data.attributes` is empty or over {MAX_KEY} bytes"),
+                    ));
+                }
+                if value.len() > MAX_ATTRIBUTE_VALUE {
+                    return Err(DecodeError::new(
+                        ErrorClass::InvalidField,
+                        format!(
+                            "attribute `{key}` of `data.attributes` is {} bytes, the limit is {MAX_ATTRIBUTE_VALUE}",
+                            value.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        let email = non_empty(self.email.take()).map(|e| e.trim().to_lowercase());
+        if let Some(e) = &email {
+            let valid = e
+                .split_once('@')
+                .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+                && !e.contains(char::is_whitespace);
+            if !valid {
+                return Err(DecodeError::new(
+                    ErrorClass::InvalidField,
+                    "field `data.email` is not an email address",
+                ));
+            }
+        }
+        self.email = email;
+        self.display_name = non_empty(self.display_name);
+        self.photo_url = non_empty(self.photo_url);
+        self.locale = non_empty(self.locale);
+        self.device_id = non_empty(self.device_id);
+        self.user_agent = non_empty(self.user_agent);
+        self.given_name = non_empty(self.given_name);
+        self.family_name = non_empty(self.family_name);
+        self.audience = non_empty(self.audience);
+        self.client_upn_key = non_empty(self.client_upn_key).map(|k| k.trim().to_string());
+        self.custom_upn = non_empty(self.custom_upn).map(|k| k.trim().to_string());
+        self.workflow_variants = normalize_list(self.workflow_variants);
+        self.groups = normalize_list(self.groups);
+        if let Some(c) = &mut self.connection {
+            c.connection_id = non_empty(c.connection_id.take());
+            c.groups = normalize_list(Some(std::mem::take(&mut c.groups))).unwrap_or_default();
+        }
+        if let Some(attributes) = &mut self.attributes {
+            for (key, _) in attributes.iter_mut() {
+                *key = key.trim().to_string();
+            }
+            // Last value wins for a repeated key: stable sort keeps input order per key.
+            attributes.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut deduped: Vec<(String, String)> = Vec::with_capacity(attributes.len());
+            for (key, value) in attributes.drain(..) {
+                match deduped.last_mut() {
+                    Some(last) if last.0 == key => last.1 = value,
+                    _ => deduped.push((key, value)),
+                }
+            }
+            *attributes = deduped;
+        }
+        let hints = &mut self.hints;
+        for hint in [
+            &mut hints.organization_name,
+            &mut hints.organization_display_name,
+            &mut hints.organization_slug,
+            &mut hints.project_name,
+            &mut hints.project_display_name,
+            &mut hints.project_slug,
+            &mut hints.personal_collection_label,
+            &mut hints.favorites_collection_label,
+            &mut hints.organization_collection_label,
+        ] {
+            *hint = non_empty(hint.take());
+        }
+        Ok(self)
+    }
+
+    /// Decodes a normalized `auth.login` CloudEvent, or says precisely why it cannot be.
     pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Self, DecodeError> {
         let envelope = decode_envelope(value, max_bytes, LOGIN_EVENT_TYPE)?;
+        Self::from_envelope(envelope)
+    }
+
+    /// The normalized contract's `data`, under an envelope already checked.
+    pub fn from_envelope(envelope: super::Envelope<'_>) -> Result<Self, DecodeError> {
         let mut de = serde_json::Deserializer::from_str(envelope.data.get());
         let data: LoginData = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -167,92 +423,59 @@ impl LoginEvent {
                 )
             }
         })?;
-        let provider = required("provider", data.provider)?;
-        let subject = required("subject", data.subject)?;
-        check_len("provider", &Some(provider.clone()), MAX_KEY)?;
-        check_len("subject", &Some(subject.clone()), MAX_KEY)?;
-        check_len("email", &data.email, MAX_EMAIL)?;
-        check_len("photoURL", &data.photo_url, MAX_URL)?;
-        check_len("userAgent", &data.user_agent, MAX_URL)?;
-        for (field, value) in [
-            ("displayName", &data.display_name),
-            ("locale", &data.locale),
-            ("deviceID", &data.device_id),
-            ("givenName", &data.given_name),
-            ("familyName", &data.family_name),
-            ("defaultOrganizationName", &data.default_organization_name),
-            (
-                "defaultOrganizationDisplayName",
-                &data.default_organization_display_name,
-            ),
-            ("defaultOrganizationSlug", &data.default_organization_slug),
-            ("defaultProjectName", &data.default_project_name),
-            (
-                "defaultProjectDisplayName",
-                &data.default_project_display_name,
-            ),
-            ("defaultProjectSlug", &data.default_project_slug),
-            (
-                "defaultPersonalCollectionLabel",
-                &data.default_personal_collection_label,
-            ),
-            (
-                "defaultFavoritesCollectionLabel",
-                &data.default_favorites_collection_label,
-            ),
-            (
-                "defaultOrganizationCollectionLabel",
-                &data.default_organization_collection_label,
-            ),
-        ] {
-            check_len(field, value, MAX_TEXT)?;
-        }
-        check_list("groups", &data.groups)?;
-        check_list("workflowVariants", &data.workflow_variants)?;
-        let email = non_empty(data.email).map(|e| e.trim().to_lowercase());
-        if let Some(e) = &email {
-            let valid = e
-                .split_once('@')
-                .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
-                && !e.contains(char::is_whitespace);
-            if !valid {
-                return Err(DecodeError::new(
+        let kind =
+            match data.kind.as_deref() {
+                None | Some("login") => LoginKind::Login,
+                Some("signup") => LoginKind::Signup,
+                Some("profile_update") => LoginKind::ProfileUpdate,
+                Some(other) => return Err(DecodeError::new(
                     ErrorClass::InvalidField,
-                    "field `data.email` is not an email address",
-                ));
-            }
-        }
-        Ok(LoginEvent {
-            event_id: envelope.id,
-            source: envelope.source,
-            occurred_at: envelope.time,
-            provider,
-            subject,
-            email,
-            email_verified: data.is_email_verified,
-            display_name: non_empty(data.display_name),
-            photo_url: non_empty(data.photo_url),
-            locale: non_empty(data.locale),
-            device_id: non_empty(data.device_id),
-            user_agent: non_empty(data.user_agent),
-            workflow_variants: normalize_list(data.workflow_variants),
-            given_name: non_empty(data.given_name),
-            family_name: non_empty(data.family_name),
-            groups: normalize_list(data.groups),
-            hints: ProvisioningHints {
-                organization_name: non_empty(data.default_organization_name),
-                organization_display_name: non_empty(data.default_organization_display_name),
-                organization_slug: non_empty(data.default_organization_slug),
-                project_name: non_empty(data.default_project_name),
-                project_display_name: non_empty(data.default_project_display_name),
-                project_slug: non_empty(data.default_project_slug),
-                personal_collection_label: non_empty(data.default_personal_collection_label),
-                favorites_collection_label: non_empty(data.default_favorites_collection_label),
-                organization_collection_label: non_empty(
-                    data.default_organization_collection_label,
-                ),
-            },
-        })
+                    format!(
+                        "field `data.kind` is `{other}`; expected login, signup or profile_update"
+                    ),
+                )),
+            };
+        let mut event = LoginEvent::new(
+            envelope.id,
+            envelope.source,
+            envelope.time,
+            required("provider", data.provider)?,
+            required("subject", data.subject)?,
+        );
+        event.kind = kind;
+        event.email = data.email;
+        event.email_verified = data.is_email_verified;
+        event.display_name = data.display_name;
+        event.photo_url = data.photo_url;
+        event.locale = data.locale;
+        event.device_id = data.device_id;
+        event.user_agent = data.user_agent;
+        event.workflow_variants = data.workflow_variants;
+        event.given_name = data.given_name;
+        event.family_name = data.family_name;
+        event.groups = data.groups;
+        event.audience = data.audience;
+        event.attributes = data
+            .attributes
+            .map(|list| list.into_iter().map(|a| (a.key, a.value)).collect());
+        event.connection = data.connection.map(|c| Connection {
+            connection_id: c.connection_id,
+            groups: c.groups.unwrap_or_default(),
+        });
+        event.client_upn_key = data.client_upn_key;
+        event.custom_upn = data.custom_upn_value;
+        event.hints = ProvisioningHints {
+            organization_name: data.default_organization_name,
+            organization_display_name: data.default_organization_display_name,
+            organization_slug: data.default_organization_slug,
+            project_name: data.default_project_name,
+            project_display_name: data.default_project_display_name,
+            project_slug: data.default_project_slug,
+            personal_collection_label: data.default_personal_collection_label,
+            favorites_collection_label: data.default_favorites_collection_label,
+            organization_collection_label: data.default_organization_collection_label,
+        };
+        event.validated()
     }
 
     /// The Kafka key producers should use: all events of one identity land in one partition.

@@ -6,6 +6,7 @@
 
 pub mod login;
 pub mod merge;
+pub mod providers;
 pub mod results;
 
 use chrono::{DateTime, Utc};
@@ -31,6 +32,8 @@ pub enum ErrorClass {
     InvalidField,
     /// Postgres rejected the step permanently (a constraint the input violates).
     Unprocessable,
+    /// JSON that is neither a normalized login nor a provider payload authsync knows.
+    UnknownPayload,
 }
 
 impl ErrorClass {
@@ -43,6 +46,7 @@ impl ErrorClass {
             ErrorClass::MissingField => "missing_field",
             ErrorClass::InvalidField => "invalid_field",
             ErrorClass::Unprocessable => "unprocessable",
+            ErrorClass::UnknownPayload => "unknown_payload",
         }
     }
 }

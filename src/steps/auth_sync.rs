@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::{BatchReport, InputMessage, Step, StepContext};
 use crate::domain::{self, LoginOutcome, RefreshReason, SignupPlan, UserRecord};
+use crate::events::providers::{self, RawMessage};
 use crate::events::results::{self, ResultEvent};
 use crate::events::{DecodeError, LoginEvent};
 use crate::store::outbox::{self, NewMessage};
@@ -61,16 +62,25 @@ struct Applied<'a> {
 }
 
 impl Step for AuthSync {
-    type Decoded = Result<LoginEvent, DecodeError>;
+    /// A message holds zero (not a login), one or several (a hook delivery) logins.
+    type Decoded = Result<Vec<LoginEvent>, DecodeError>;
 
     fn decode(&self, ctx: &StepContext, message: &InputMessage) -> Self::Decoded {
-        LoginEvent::decode(message.value.as_deref(), ctx.max_message_bytes)
+        providers::decode_login_message(
+            RawMessage {
+                value: message.value.as_deref(),
+                headers: &message.headers,
+                timestamp: message.timestamp,
+            },
+            ctx.max_message_bytes,
+        )
     }
 
+    /// The key under which a whole message is dead-lettered when it cannot be applied.
     fn inbox_key(&self, message: &InputMessage, decoded: &Self::Decoded) -> String {
         match decoded {
-            Ok(event) => event.event_id.clone(),
-            Err(_) => message.position_key(),
+            Ok(events) if events.len() == 1 => events[0].event_id.clone(),
+            _ => message.position_key(),
         }
     }
 
@@ -84,14 +94,16 @@ impl Step for AuthSync {
         let now = Utc::now();
 
         // 1. Inbox: claim each event once; duplicates (in the batch or handled before) skip.
-        let claimed = super::claim_batch(
-            &mut *conn,
-            ctx,
-            items,
-            |m, d| self.inbox_key(m, d),
-            &mut report,
-        )
-        .await?;
+        let mut candidates: Vec<super::Candidate<'_, LoginEvent>> = Vec::new();
+        for (message, decoded) in items {
+            match decoded {
+                Ok(events) => {
+                    candidates.extend(events.iter().map(|e| (*message, Ok(e), e.event_id.clone())))
+                }
+                Err(e) => candidates.push((*message, Err(e), message.position_key())),
+            }
+        }
+        let claimed = super::claim_batch(&mut *conn, ctx, &candidates, &mut report).await?;
         let mut outbox_rows = claimed.dead_letters;
         let logins: Vec<&LoginEvent> = claimed.items.into_iter().map(|(_, e)| e).collect();
         if !logins.is_empty() {

@@ -63,14 +63,11 @@ impl Step for AccountMerge {
         items: &'a [(&'a InputMessage, &'a Self::Decoded)],
     ) -> Result<BatchReport, StoreError> {
         let mut report = BatchReport::default();
-        let claimed = super::claim_batch(
-            &mut *conn,
-            ctx,
-            items,
-            |m, d| self.inbox_key(m, d),
-            &mut report,
-        )
-        .await?;
+        let candidates: Vec<super::Candidate<'_, MergeRequest>> = items
+            .iter()
+            .map(|(m, d)| (*m, d.as_ref(), self.inbox_key(m, d)))
+            .collect();
+        let claimed = super::claim_batch(&mut *conn, ctx, &candidates, &mut report).await?;
         let mut rows = claimed.dead_letters;
         for (message, request) in claimed.items {
             let (old, new) = (request.old_user_id, request.new_user_id);

@@ -31,6 +31,8 @@ pub struct InputMessage {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The Kafka message timestamp (create or log-append time), when the broker gave one.
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl InputMessage {
@@ -57,21 +59,23 @@ pub struct Claimed<'a, D> {
     pub dead_letters: Vec<NewMessage>,
 }
 
+/// One event of a batch to claim: the message it came in, its decoding, its inbox key.
+/// A message may hold several events (an Okta hook delivery) or one undecodable value.
+pub type Candidate<'a, D> = (&'a InputMessage, Result<&'a D, &'a DecodeError>, String);
+
 /// Claims a batch in the inbox: duplicates (within the batch or handled before) are
 /// counted and dropped; undecodable messages are claimed as dead-lettered and their dead
 /// letters returned; the rest are returned in order.
 pub async fn claim_batch<'a, D>(
     conn: &mut PgConnection,
     ctx: &StepContext,
-    items: &'a [(&'a InputMessage, &'a Result<D, DecodeError>)],
-    key_of: impl Fn(&InputMessage, &Result<D, DecodeError>) -> String,
+    items: &[Candidate<'a, D>],
     report: &mut BatchReport,
 ) -> Result<Claimed<'a, D>, StoreError> {
-    let keys: Vec<String> = items.iter().map(|(m, d)| key_of(m, d)).collect();
     let mut seen = HashSet::new();
     let mut claims = Vec::with_capacity(items.len());
     let mut candidates = Vec::with_capacity(items.len());
-    for ((message, decoded), key) in items.iter().zip(&keys) {
+    for (message, decoded, key) in items {
         if !seen.insert(key.as_str()) {
             report.duplicates += 1;
             continue;

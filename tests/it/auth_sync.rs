@@ -311,6 +311,7 @@ fn message(partition: i32, offset: i64, id: &str, subject: &str) -> InputMessage
             json!({"provider": "p", "subject": subject, "email": "race@x.test"}),
         )),
         headers: vec![],
+        timestamp: None,
     }
 }
 

@@ -368,6 +368,7 @@ fn input(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> InputMessa
         key: None,
         value: Some(value),
         headers: vec![],
+        timestamp: None,
     }
 }
 
