@@ -89,13 +89,7 @@ pub async fn start(
     .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     tracing::info!(%http_addr, "HTTP endpoints up");
 
-    let ctx = StepContext {
-        consumer_group: config.kafka.group_id.clone(),
-        topics: config.topics.clone(),
-        provisioning: config.provisioning.clone(),
-        merge: config.merge.clone(),
-        max_message_bytes: config.consumer.max_message_bytes,
-    };
+    let ctx = StepContext::from_config(&config)?;
     let mut handlers: HashMap<String, Arc<dyn BatchHandler>> = HashMap::new();
     handlers.insert(
         config.topics.login.clone(),

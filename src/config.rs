@@ -27,6 +27,9 @@ pub enum ConfigError {
         field: &'static str,
         problem: String,
     },
+    /// A role rule that cannot work; `rule` names it as `<set>/<rule>` (or its index).
+    #[error("identity role rule `{rule}`: {problem}")]
+    InvalidRule { rule: String, problem: String },
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -47,7 +50,68 @@ pub struct Config {
     pub http: HttpConfig,
     pub provisioning: ProvisioningConfig,
     pub merge: MergeConfig,
+    pub identity: IdentityConfig,
     pub log: LogConfig,
+}
+
+/// Identity depth: account linking, attributes, and IdP group → role mapping.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Link an unknown identity to the one existing active user whose verified email equals
+    /// the login's verified email (never on an unverified email on either side).
+    pub link_verified_email: bool,
+    /// Providers whose identities are never linked by email (e.g. enterprise SSO, where the
+    /// customer's IdP, not you, vouches for the address). Exact provider names.
+    pub untrusted_link_providers: Vec<String>,
+    /// `merge`: attributes absent from a later event are kept. `authoritative`: an event that
+    /// carries `attributes` carries the whole set; absent keys are deleted.
+    pub attributes: String,
+    /// Group → role rule sets, applied on every login in order.
+    pub role_sets: Vec<RoleSetConfig>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            link_verified_email: true,
+            untrusted_link_providers: Vec::new(),
+            attributes: "merge".into(),
+            role_sets: Vec::new(),
+        }
+    }
+}
+
+/// A set of role rules sharing one sync mode.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSetConfig {
+    /// Names the set in errors and logs.
+    pub name: String,
+    /// `import` (grant at first login only), `force` (grant and revoke on every login to
+    /// match the IdP; only the roles this set can grant are ever revoked), `additive`
+    /// (grant, never revoke).
+    pub mode: String,
+    pub rules: Vec<RoleRuleConfig>,
+}
+
+/// One rule: when `claim` has a value that matches, grant `role`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRuleConfig {
+    /// Optional name for errors; defaults to the rule's position.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `groups` (the identity's groups), `connection.groups`, or `attribute:<key>`.
+    pub claim: String,
+    /// `equals`, `prefix` or `regex` (the whole value must match).
+    #[serde(rename = "match")]
+    pub match_kind: String,
+    pub value: String,
+    pub role: String,
+    /// Scope: absent = global, `personal` = the user's own organization, or an organization id.
+    #[serde(default)]
+    pub organization: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -332,6 +396,7 @@ const SECTIONS: &[&str] = &[
     "http",
     "provisioning",
     "merge",
+    "identity",
     "log",
 ];
 
@@ -514,6 +579,7 @@ impl Config {
                 return Err(invalid(field, "must not be empty"));
             }
         }
+        crate::domain::identity::IdentityPolicy::compile(&self.identity)?;
         Ok(())
     }
 

@@ -323,14 +323,8 @@ impl Bench {
         Ok((secs, rss))
     }
 
-    fn ctx(config: &Config) -> StepContext {
-        StepContext {
-            consumer_group: config.kafka.group_id.clone(),
-            topics: config.topics.clone(),
-            provisioning: config.provisioning.clone(),
-            merge: config.merge.clone(),
-            max_message_bytes: config.consumer.max_message_bytes,
-        }
+    fn ctx(config: &Config) -> anyhow::Result<StepContext> {
+        Ok(StepContext::from_config(config)?)
     }
 
     /// The ceiling: the same step, same batches, one task per partition, no Kafka.
@@ -340,7 +334,7 @@ impl Bench {
         config: &Config,
         messages: &[(String, Vec<u8>)],
     ) -> anyhow::Result<f64> {
-        let ctx = Arc::new(Self::ctx(config));
+        let ctx = Arc::new(Self::ctx(config)?);
         let partitions = self.args.partitions as usize;
         let mut per_partition: Vec<Vec<InputMessage>> = vec![Vec::new(); partitions];
         for (i, (key, value)) in messages.iter().enumerate() {
@@ -738,7 +732,7 @@ impl Bench {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let db = Db::create(&self.args.database_url).await?;
         let config = self.config(&db, &suffix, 0);
-        let ctx = Self::ctx(&config);
+        let ctx = Self::ctx(&config)?;
         let users = logins(&format!("m-{suffix}"), 2, 2, 0);
         let signups: Vec<InputMessage> = users
             .iter()

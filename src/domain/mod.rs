@@ -1,5 +1,6 @@
 //! Pure decisions: no I/O here. The store loads state, the domain decides, the store writes.
 
+pub mod identity;
 pub mod ids;
 pub mod merge;
 
@@ -113,9 +114,11 @@ pub fn apply_login(
     now: DateTime<Utc>,
 ) -> LoginOutcome {
     let mut outcome = LoginOutcome::default();
-    user.login_count += 1;
-    if event.occurred_at > user.last_login_at {
-        user.last_login_at = event.occurred_at;
+    if event.kind.counts_as_login() {
+        user.login_count += 1;
+        if event.occurred_at > user.last_login_at {
+            user.last_login_at = event.occurred_at;
+        }
     }
     if event.occurred_at < user.profile_event_at {
         outcome.stale = true;
@@ -198,6 +201,9 @@ pub struct SignupPlan {
     pub provider: String,
     pub subject: String,
     pub groups: Vec<String>,
+    pub connection_id: Option<String>,
+    pub connection_groups: Vec<String>,
+    pub audience: Option<String>,
     pub tenant_id: Uuid,
     pub organization_id: Uuid,
     pub organization_name: String,
@@ -306,7 +312,8 @@ pub fn plan_signup(
         version: 1,
         profile_event_at: event.occurred_at,
         last_login_at: event.occurred_at,
-        login_count: 1,
+        // A profile update of an unknown identity creates the user without a login.
+        login_count: i64::from(event.kind.counts_as_login()),
         created_at: now,
         modified_at: now,
     };
@@ -315,6 +322,16 @@ pub fn plan_signup(
         provider: event.provider.clone(),
         subject: event.subject.clone(),
         groups: event.groups.clone().unwrap_or_default(),
+        connection_id: event
+            .connection
+            .as_ref()
+            .and_then(|c| c.connection_id.clone()),
+        connection_groups: event
+            .connection
+            .as_ref()
+            .map(|c| c.groups.clone())
+            .unwrap_or_default(),
+        audience: event.audience.clone(),
         tenant_id,
         organization_id,
         organization_name,

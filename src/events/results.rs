@@ -12,6 +12,8 @@ pub const SOURCE: &str = "urn:authsync";
 pub const USER_SYNCED: &str = "user.synced";
 pub const USER_SIGNED_UP: &str = "user.signed_up";
 pub const USER_TOKEN_REFRESH_REQUIRED: &str = "user.token_refresh_required";
+pub const USER_ROLES_CHANGED: &str = "user.roles_changed";
+pub const USER_IDENTITY_LINKED: &str = "user.identity_linked";
 
 /// An event ready for the outbox; `data` is already serialized JSON.
 #[derive(Clone, Debug)]
@@ -101,6 +103,35 @@ pub struct IdentityRecord {
     pub provider: String,
     pub subject: String,
     pub created_at: DateTime<Utc>,
+    pub groups: Vec<String>,
+    pub connection_id: Option<String>,
+    pub connection_groups: Vec<String>,
+    pub audience: Option<String>,
+    pub linked_by: Option<String>,
+}
+
+/// The `$sync` response's `roles`, `memberOf`, `customUpns` and `attributes` arrays, as
+/// JSON the store read.
+#[derive(Debug)]
+pub struct ClaimsViews {
+    pub roles: Box<RawValue>,
+    pub member_of: Box<RawValue>,
+    pub custom_upns: Box<RawValue>,
+    pub attributes: Box<RawValue>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IdentityView<'a> {
+    id: String,
+    strategy: &'a str,
+    azo_user_id: &'a str,
+    azo_connection_id: Option<&'a str>,
+    groups: &'a [String],
+    connection_groups: &'a [String],
+    audience: Option<&'a str>,
+    linked_by: Option<&'a str>,
+    created: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,6 +199,11 @@ struct UserView<'a> {
     family_name: Option<&'a str>,
     locale: Option<&'a str>,
     external_identifiers: Vec<IdentifierView<'a>>,
+    identities: Vec<IdentityView<'a>>,
+    roles: &'a RawValue,
+    member_of: &'a RawValue,
+    custom_upns: &'a RawValue,
+    attributes: &'a RawValue,
     lifecycle_state: &'a str,
     version: i64,
     etag: String,
@@ -179,7 +215,9 @@ pub fn user_view(
     user: &UserRecord,
     emails: &[EmailRecord],
     identities: &[IdentityRecord],
+    claims: Option<&ClaimsViews>,
 ) -> Box<RawValue> {
+    let empty: &RawValue = EMPTY_ARRAY.as_ref();
     raw(&UserView {
         id: user.id,
         email: user.email.as_deref(),
@@ -207,6 +245,24 @@ pub fn user_view(
                 },
             })
             .collect(),
+        identities: identities
+            .iter()
+            .map(|i| IdentityView {
+                id: format!("{}|{}", i.provider, i.subject),
+                strategy: &i.provider,
+                azo_user_id: &i.subject,
+                azo_connection_id: i.connection_id.as_deref(),
+                groups: &i.groups,
+                connection_groups: &i.connection_groups,
+                audience: i.audience.as_deref(),
+                linked_by: i.linked_by.as_deref(),
+                created: ts(i.created_at),
+            })
+            .collect(),
+        roles: claims.map_or(empty, |c| &c.roles),
+        member_of: claims.map_or(empty, |c| &c.member_of),
+        custom_upns: claims.map_or(empty, |c| &c.custom_upns),
+        attributes: claims.map_or(empty, |c| &c.attributes),
         lifecycle_state: &user.lifecycle_state,
         version: user.version,
         etag: ids::user_etag(user.id, user.version),
@@ -297,6 +353,19 @@ pub fn working_context_view(ctx: &WorkingContextRecord) -> Box<RawValue> {
     })
 }
 
+static EMPTY_ARRAY: std::sync::LazyLock<Box<RawValue>> =
+    std::sync::LazyLock::new(|| raw(&[] as &[u8]));
+
+/// How an unknown identity's first login related to existing users with its email.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Linking {
+    /// Linked to an existing user (the `user` of the event).
+    Linked { by: &'static str },
+    /// Not linked, a separate user was created: why.
+    Skipped(&'static str),
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct SyncedData<'a> {
@@ -308,6 +377,9 @@ struct SyncedData<'a> {
     /// Present when the login's identity was moved here by a merge: the old user's id.
     #[serde(skip_serializing_if = "Option::is_none")]
     merged_from: Option<Uuid>,
+    /// Present on the first login of an identity some existing user's email matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    linking: Option<Linking>,
 }
 
 /// `user.synced` data: the auth-sync response's `data`.
@@ -317,6 +389,7 @@ pub fn synced_data(
     user: &RawValue,
     working_context: &RawValue,
     merged_from: Option<Uuid>,
+    linking: Option<Linking>,
 ) -> Box<RawValue> {
     raw(&SyncedData {
         did_sign_up,
@@ -325,6 +398,83 @@ pub fn synced_data(
         user,
         working_context,
         merged_from,
+        linking,
+    })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RoleView<'a> {
+    name: &'a str,
+    organization_id: Option<Uuid>,
+}
+
+fn role_views(grants: &[(String, Uuid)]) -> Vec<RoleView<'_>> {
+    grants
+        .iter()
+        .map(|(name, org)| RoleView {
+            name,
+            organization_id: (!org.is_nil()).then_some(*org),
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RolesChangedData<'a> {
+    user_id: Uuid,
+    before: Vec<RoleView<'a>>,
+    after: Vec<RoleView<'a>>,
+    added: Vec<RoleView<'a>>,
+    removed: Vec<RoleView<'a>>,
+}
+
+/// `user.roles_changed` data: the roles before and after the login, and the difference.
+pub fn roles_changed_data(
+    user_id: Uuid,
+    before: &[(String, Uuid)],
+    after: &[(String, Uuid)],
+) -> Box<RawValue> {
+    let added: Vec<(String, Uuid)> = after
+        .iter()
+        .filter(|g| !before.contains(g))
+        .cloned()
+        .collect();
+    let removed: Vec<(String, Uuid)> = before
+        .iter()
+        .filter(|g| !after.contains(g))
+        .cloned()
+        .collect();
+    raw(&RolesChangedData {
+        user_id,
+        before: role_views(before),
+        after: role_views(after),
+        added: role_views(&added),
+        removed: role_views(&removed),
+    })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IdentityLinkedData<'a> {
+    user_id: Uuid,
+    provider: &'a str,
+    subject: &'a str,
+    linked_by: &'static str,
+}
+
+/// `user.identity_linked` data.
+pub fn identity_linked_data(
+    user_id: Uuid,
+    provider: &str,
+    subject: &str,
+    linked_by: &'static str,
+) -> Box<RawValue> {
+    raw(&IdentityLinkedData {
+        user_id,
+        provider,
+        subject,
+        linked_by,
     })
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Per batch, independent of its size: one inbox statement, one locking read of the known
 //! users, the sign-up statements (only when there are first logins), one write per table
-//! touched, three reads for the result views and one outbox insert.
+//! touched, four reads for the result views and one outbox insert. A batch with first
+//! logins adds one read of link candidates; one that can change roles, attributes or UPNs
+//! adds one read of those.
 
 use std::collections::{HashMap, HashSet};
 
@@ -12,17 +14,28 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{BatchReport, InputMessage, Step, StepContext};
+use crate::domain::identity::{self, Claims, Grant, LinkDecision};
 use crate::domain::{self, LoginOutcome, RefreshReason, SignupPlan, UserRecord};
 use crate::events::providers::{self, RawMessage};
-use crate::events::results::{self, ResultEvent};
+use crate::events::results::{self, Linking, ResultEvent};
 use crate::events::{DecodeError, LoginEvent};
+use crate::store::identity::{self as identity_store, ClaimsState};
 use crate::store::outbox::{self, NewMessage};
+use crate::store::provisioning::{self, NewIdentity};
 use crate::store::users::{self, DeviceSighting, EmailState, IdentityState};
-use crate::store::{provisioning, views, StoreError};
+use crate::store::{views, StoreError};
 
 pub struct AuthSync;
 
 type Identity = (String, String);
+
+/// An identity's connection claims as stored: connection id, connection groups, audience.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ConnectionState {
+    connection_id: Option<String>,
+    groups: Vec<String>,
+    audience: Option<String>,
+}
 
 /// Identities resolved to (locked) users so far.
 #[derive(Default)]
@@ -30,6 +43,7 @@ struct Resolved {
     user_of: HashMap<Identity, Uuid>,
     users: HashMap<Uuid, UserRecord>,
     groups: HashMap<Identity, Vec<String>>,
+    connections: HashMap<Identity, ConnectionState>,
     /// Stored identity claims (email, verified), to write identities only on change.
     claims: HashMap<Identity, (Option<String>, bool)>,
     /// Identities a merge moved here: the old user they belonged to.
@@ -45,6 +59,14 @@ impl Resolved {
             if let Some(from) = l.merged_from {
                 self.merged_from.insert(key.clone(), from);
             }
+            self.connections.insert(
+                key.clone(),
+                ConnectionState {
+                    connection_id: l.connection_id,
+                    groups: l.connection_groups,
+                    audience: l.audience,
+                },
+            );
             self.groups.insert(key, l.groups);
             self.users.entry(l.user.id).or_insert(l.user);
         }
@@ -59,7 +81,14 @@ struct Applied<'a> {
     outcome: LoginOutcome,
     /// The identity was moved here by a merge from this user.
     merged_from: Option<Uuid>,
+    /// The first login of an identity an existing user's email matched.
+    linking: Option<Linking>,
+    /// Roles before and after, when this login changed them.
+    roles_change: Option<(Vec<Grant>, Vec<Grant>)>,
 }
+
+/// Roles, attributes and UPNs of the batch's users: as loaded, and as the batch leaves them.
+type ClaimsChanges = HashMap<Uuid, (ClaimsState, ClaimsState)>;
 
 impl Step for AuthSync {
     /// A message holds zero (not a login), one or several (a hook delivery) logins.
@@ -129,6 +158,7 @@ impl AuthSync {
         now: chrono::DateTime<Utc>,
         report: &mut BatchReport,
     ) -> Result<Vec<Applied<'e>>, StoreError> {
+        let policy = &ctx.identity;
         // 2. Resolve identities to users, locking the users.
         let mut identities: Vec<Identity> = Vec::new();
         let mut seen = HashSet::new();
@@ -141,19 +171,83 @@ impl AuthSync {
         let mut resolved = Resolved::default();
         resolved.absorb(users::lock_by_identities(&mut *conn, &identities).await?);
 
-        // 3. First logins: the first event of each unknown identity signs it up.
-        let mut plans: Vec<SignupPlan> = Vec::new();
-        let mut signup_event: HashMap<Identity, &str> = HashMap::new();
+        // 3. First logins: the first event of each unknown identity either links it to the
+        //    one existing user with its verified email, or signs it up.
+        let mut firsts: Vec<&LoginEvent> = Vec::new();
+        let mut first_seen = HashSet::new();
         for event in logins {
             let id = (event.provider.clone(), event.subject.clone());
-            if !resolved.user_of.contains_key(&id) && !signup_event.contains_key(&id) {
+            if !resolved.user_of.contains_key(&id) && first_seen.insert(id) {
+                firsts.push(event);
+            }
+        }
+        let mut signup_event: HashMap<Identity, &str> = HashMap::new();
+        let mut linked_event: HashMap<Identity, &str> = HashMap::new();
+        let mut linking: HashMap<Identity, Linking> = HashMap::new();
+        if !firsts.is_empty() {
+            let lookups: Vec<(&str, &str)> = firsts
+                .iter()
+                .filter_map(|e| e.email.as_deref().map(|m| (m, e.provider.as_str())))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let candidates = identity_store::link_candidates(&mut *conn, &lookups).await?;
+            let mut plans: Vec<SignupPlan> = Vec::new();
+            let mut links: Vec<(&LoginEvent, Uuid)> = Vec::new();
+            for event in &firsts {
+                let id = (event.provider.clone(), event.subject.clone());
+                let found = event
+                    .email
+                    .as_ref()
+                    .and_then(|m| candidates.get(&(m.clone(), event.provider.clone())))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                match identity::decide_link(policy, event, found) {
+                    LinkDecision::Link(user_id) => {
+                        tracing::debug!(provider = %event.provider, email = ?event.email, %user_id, "linking identity by verified email");
+                        linking.insert(
+                            id.clone(),
+                            Linking::Linked {
+                                by: LINKED_BY_EMAIL,
+                            },
+                        );
+                        linked_event.insert(id, &event.event_id);
+                        links.push((event, user_id));
+                        continue;
+                    }
+                    LinkDecision::Skip(reason) => {
+                        tracing::info!(provider = %event.provider, reason = reason.as_str(), "identity not linked: signing up a separate user");
+                        linking.insert(id.clone(), Linking::Skipped(reason.as_str()));
+                    }
+                    LinkDecision::NoCandidate => {}
+                }
                 signup_event.insert(id, &event.event_id);
                 plans.push(domain::plan_signup(event, &ctx.provisioning, now));
             }
-        }
-        if !plans.is_empty() {
-            let plan_refs: Vec<&SignupPlan> = plans.iter().collect();
-            let won: HashSet<Identity> = provisioning::claim_identities(&mut *conn, &plan_refs)
+            let mut claims: Vec<NewIdentity<'_>> = plans.iter().map(NewIdentity::of_plan).collect();
+            for (event, user_id) in &links {
+                claims.push(NewIdentity {
+                    provider: &event.provider,
+                    subject: &event.subject,
+                    user_id: *user_id,
+                    email: event.email.as_deref(),
+                    email_verified: event.email_verified.unwrap_or(false),
+                    groups: event.groups.as_deref().unwrap_or_default(),
+                    connection_id: event
+                        .connection
+                        .as_ref()
+                        .and_then(|c| c.connection_id.as_deref()),
+                    connection_groups: event
+                        .connection
+                        .as_ref()
+                        .map(|c| c.groups.as_slice())
+                        .unwrap_or_default(),
+                    audience: event.audience.as_deref(),
+                    at: event.occurred_at,
+                    linked_by: Some(LINKED_BY_EMAIL),
+                });
+            }
+            let won: HashSet<Identity> = provisioning::claim_identities(&mut *conn, &claims)
                 .await?
                 .into_iter()
                 .collect();
@@ -169,21 +263,55 @@ impl AuthSync {
                     id.clone(),
                     (plan.user.email.clone(), plan.user.email_verified),
                 );
+                resolved.connections.insert(
+                    id.clone(),
+                    ConnectionState {
+                        connection_id: plan.connection_id.clone(),
+                        groups: plan.connection_groups.clone(),
+                        audience: plan.audience.clone(),
+                    },
+                );
                 resolved.groups.insert(id, plan.groups.clone());
                 resolved.users.insert(plan.user.id, plan.user.clone());
             }
-            // Lost races: another transaction signed these identities up first.
-            let lost: Vec<Identity> = plans
+            // Linked identities (their users are locked now), and lost races: another
+            // transaction claimed these identities first.
+            let reload: Vec<Identity> = claims
                 .iter()
-                .map(|p| (p.provider.clone(), p.subject.clone()))
-                .filter(|id| !won.contains(id))
+                .map(|c| (c.provider.to_string(), c.subject.to_string()))
+                .filter(|id| !won.contains(id) || linked_event.contains_key(id))
                 .collect();
-            if !lost.is_empty() {
-                for id in &lost {
+            for id in &reload {
+                if !won.contains(id) {
                     signup_event.remove(id);
+                    linked_event.remove(id);
+                    linking.remove(id);
                 }
-                resolved.absorb(users::lock_by_identities(&mut *conn, &lost).await?);
             }
+            if !reload.is_empty() {
+                resolved.absorb(users::lock_by_identities(&mut *conn, &reload).await?);
+            }
+        }
+
+        // Roles, attributes and UPNs are loaded only when the batch can change them.
+        let mut claims_changes: Option<ClaimsChanges> = None;
+        if policy.has_role_rules()
+            || logins
+                .iter()
+                .any(|e| e.attributes.is_some() || e.client_upn_key.is_some())
+        {
+            let mut user_ids: Vec<Uuid> = resolved.users.keys().copied().collect();
+            user_ids.sort_unstable();
+            let loaded = identity_store::load_claims(&mut *conn, &user_ids).await?;
+            claims_changes = Some(
+                user_ids
+                    .into_iter()
+                    .map(|u| {
+                        let state = loaded.get(&u).cloned().unwrap_or_default();
+                        (u, (state.clone(), state))
+                    })
+                    .collect(),
+            );
         }
 
         // 4. Decide, event by event, in order.
@@ -191,6 +319,7 @@ impl AuthSync {
             user_of,
             users: mut users_by_id,
             mut groups,
+            mut connections,
             mut claims,
             merged_from,
         } = resolved;
@@ -210,14 +339,18 @@ impl AuthSync {
                 return Err(StoreError::Transient(sqlx::Error::RowNotFound));
             };
             let signed_up = signup_event.get(&id) == Some(&event.event_id.as_str());
-            let outcome = if signed_up {
+            let linked = linked_event.get(&id) == Some(&event.event_id.as_str());
+            let identity_groups = groups.entry(id.clone()).or_default();
+            let connection = connections.entry(id.clone()).or_default();
+            let mut outcome = if signed_up {
                 report.signed_up += 1;
                 LoginOutcome::default()
             } else {
-                let identity_groups = groups.entry(id.clone()).or_default();
-                let outcome = domain::apply_login(user, identity_groups, event, now);
-                if dirty_set.insert(user_id) {
-                    dirty.push(user_id);
+                let mut outcome = domain::apply_login(user, identity_groups, event, now);
+                if linked {
+                    outcome.refresh_reasons.push(RefreshReason::IdentityLinked);
+                    outcome.refresh_reasons.sort();
+                    mark_changed(user, &mut outcome, now);
                 }
                 if !outcome.stale {
                     if let Some(email) = &user.email {
@@ -254,6 +387,19 @@ impl AuthSync {
                             identity_changed = true;
                         }
                     }
+                    if let Some(c) = &event.connection {
+                        if connection.connection_id != c.connection_id
+                            || connection.groups != c.groups
+                        {
+                            connection.connection_id = c.connection_id.clone();
+                            connection.groups = c.groups.clone();
+                            identity_changed = true;
+                        }
+                    }
+                    if event.audience.is_some() && connection.audience != event.audience {
+                        connection.audience = event.audience.clone();
+                        identity_changed = true;
+                    }
                 }
                 if identity_changed || identity_states.contains_key(&id) {
                     identity_states.insert(
@@ -262,6 +408,9 @@ impl AuthSync {
                             provider: id.0.clone(),
                             subject: id.1.clone(),
                             groups: identity_groups.clone(),
+                            connection_id: connection.connection_id.clone(),
+                            connection_groups: connection.groups.clone(),
+                            audience: connection.audience.clone(),
                             email: stored_email.clone(),
                             email_verified: *stored_verified,
                             last_login_at: event.occurred_at,
@@ -270,6 +419,54 @@ impl AuthSync {
                 }
                 outcome
             };
+            // Attributes, custom UPN and roles, from the claims as they now stand.
+            let mut roles_change = None;
+            if let (Some(changes), false) = (claims_changes.as_mut(), outcome.stale) {
+                let (_, state) = changes.entry(user_id).or_default();
+                let mut changed = false;
+                if let Some(attributes) = &event.attributes {
+                    changed |= identity::apply_attributes(
+                        &mut state.attributes,
+                        attributes,
+                        policy.attributes_authoritative,
+                    );
+                }
+                if let Some((key, upn)) = identity::custom_upn(event) {
+                    changed |= state.upns.get(&key) != Some(&upn);
+                    state.upns.insert(key, upn);
+                }
+                if policy.has_role_rules() {
+                    let roles = policy.reconcile_roles(
+                        user_id,
+                        &state.roles,
+                        Claims {
+                            groups: identity_groups,
+                            connection_groups: &connection.groups,
+                            attributes: &state.attributes,
+                        },
+                        signed_up,
+                    );
+                    if roles != state.roles {
+                        let before = std::mem::replace(&mut state.roles, roles);
+                        roles_change = Some((
+                            before.into_iter().collect(),
+                            state.roles.iter().cloned().collect(),
+                        ));
+                        outcome.refresh_reasons.push(RefreshReason::RolesChanged);
+                        outcome.refresh_reasons.sort();
+                        outcome.refresh_reasons.dedup();
+                        changed = true;
+                    }
+                }
+                // A sign-up's user row is written as planned; a known user's new version is
+                // written with the batch.
+                if changed && !signed_up {
+                    mark_changed(user, &mut outcome, now);
+                }
+            }
+            if !signed_up && dirty_set.insert(user_id) {
+                dirty.push(user_id);
+            }
             if let Some(device_id) = &event.device_id {
                 let sighting = devices
                     .entry((user_id, device_id.clone()))
@@ -291,6 +488,10 @@ impl AuthSync {
                 signed_up,
                 outcome,
                 merged_from: merged_from.get(&id).copied(),
+                linking: (signed_up || linked)
+                    .then(|| linking.get(&id).copied())
+                    .flatten(),
+                roles_change,
             });
         }
 
@@ -304,11 +505,19 @@ impl AuthSync {
         users::update_identities(&mut *conn, &identity_states).await?;
         let devices: Vec<DeviceSighting> = devices.into_values().collect();
         users::upsert_devices(&mut *conn, &devices).await?;
+        if let Some(changes) = &claims_changes {
+            let changed: Vec<(Uuid, &ClaimsState, &ClaimsState)> = changes
+                .iter()
+                .filter(|(_, (before, after))| before != after)
+                .map(|(u, (before, after))| (*u, before, after))
+                .collect();
+            identity_store::write_claims(&mut *conn, &changed, now).await?;
+        }
         Ok(applied)
     }
 
-    /// `user.synced` for every login, `user.signed_up` and `user.token_refresh_required`
-    /// where they apply.
+    /// `user.synced` for every login; `user.signed_up`, `user.identity_linked`,
+    /// `user.roles_changed` and `user.token_refresh_required` where they apply.
     async fn results(
         &self,
         conn: &mut PgConnection,
@@ -336,6 +545,7 @@ impl AuthSync {
                     .get(&uid)
                     .map(Vec::as_slice)
                     .unwrap_or_default(),
+                views.claims.get(&uid),
             );
             let wc_view = contexts.entry(uid).or_insert_with(|| {
                 views
@@ -347,47 +557,66 @@ impl AuthSync {
             let reasons = &a.outcome.refresh_reasons;
             let time = a.event.occurred_at;
             let cause = a.event.event_id.as_str();
-            rows.push(result_message(
-                ctx,
-                &ResultEvent::new(
-                    results::USER_SYNCED,
-                    cause,
-                    uid,
-                    time,
-                    results::synced_data(a.signed_up, reasons, &user_view, wc_view, a.merged_from),
-                ),
-            ));
-            if a.signed_up {
+            let mut emit = |event_type: &'static str, data: Box<RawValue>| {
                 rows.push(result_message(
                     ctx,
-                    &ResultEvent::new(
-                        results::USER_SIGNED_UP,
-                        cause,
-                        uid,
-                        time,
-                        results::signed_up_data(
-                            &a.event.provider,
-                            &a.event.subject,
-                            &user_view,
-                            wc_view,
-                        ),
-                    ),
+                    &ResultEvent::new(event_type, cause, uid, time, data),
                 ));
+            };
+            emit(
+                results::USER_SYNCED,
+                results::synced_data(
+                    a.signed_up,
+                    reasons,
+                    &user_view,
+                    wc_view,
+                    a.merged_from,
+                    a.linking,
+                ),
+            );
+            if a.signed_up {
+                emit(
+                    results::USER_SIGNED_UP,
+                    results::signed_up_data(
+                        &a.event.provider,
+                        &a.event.subject,
+                        &user_view,
+                        wc_view,
+                    ),
+                );
+            }
+            if let Some(Linking::Linked { by }) = a.linking {
+                emit(
+                    results::USER_IDENTITY_LINKED,
+                    results::identity_linked_data(uid, &a.event.provider, &a.event.subject, by),
+                );
+            }
+            if let Some((before, after)) = &a.roles_change {
+                emit(
+                    results::USER_ROLES_CHANGED,
+                    results::roles_changed_data(uid, before, after),
+                );
             }
             if !reasons.is_empty() {
-                rows.push(result_message(
-                    ctx,
-                    &ResultEvent::new(
-                        results::USER_TOKEN_REFRESH_REQUIRED,
-                        cause,
-                        uid,
-                        time,
-                        results::token_refresh_data(uid, reasons),
-                    ),
-                ));
+                emit(
+                    results::USER_TOKEN_REFRESH_REQUIRED,
+                    results::token_refresh_data(uid, reasons),
+                );
             }
         }
         Ok(rows)
+    }
+}
+
+/// How a linked identity was linked (recorded on the identity and in the events).
+const LINKED_BY_EMAIL: &str = "verified_email";
+
+/// Bumps the user's version once per event that changed anything.
+fn mark_changed(user: &mut UserRecord, outcome: &mut LoginOutcome, now: chrono::DateTime<Utc>) {
+    if !outcome.changed {
+        outcome.changed = true;
+        user.version += 1;
+        user.modified_at = now;
     }
 }
 

@@ -15,7 +15,10 @@ use sqlx::{PgConnection, PgPool};
 
 use std::collections::HashSet;
 
-use crate::config::{MergeConfig, ProvisioningConfig, TopicsConfig};
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError, MergeConfig, ProvisioningConfig, TopicsConfig};
+use crate::domain::identity::IdentityPolicy;
 use crate::domain::ids;
 use crate::events::{DecodeError, ErrorClass};
 use crate::store::inbox::{self, Claim};
@@ -49,7 +52,22 @@ pub struct StepContext {
     pub topics: TopicsConfig,
     pub provisioning: ProvisioningConfig,
     pub merge: MergeConfig,
+    pub identity: Arc<IdentityPolicy>,
     pub max_message_bytes: usize,
+}
+
+impl StepContext {
+    /// The steps' view of a validated configuration (compiles the identity policy).
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        Ok(Self {
+            consumer_group: config.kafka.group_id.clone(),
+            topics: config.topics.clone(),
+            provisioning: config.provisioning.clone(),
+            merge: config.merge.clone(),
+            identity: Arc::new(IdentityPolicy::compile(&config.identity)?),
+            max_message_bytes: config.consumer.max_message_bytes,
+        })
+    }
 }
 
 /// The messages of a batch this transaction claimed, and the dead letters of those that

@@ -1,5 +1,6 @@
 //! Postgres: the pool, migrations, and the set-based SQL of every step. No policy here.
 
+pub mod identity;
 pub mod inbox;
 pub mod merge;
 pub mod outbox;

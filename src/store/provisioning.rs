@@ -1,35 +1,84 @@
 //! First logins: claim the identity, then create everything the plan lists, set-based.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::SignupPlan;
 
-/// Claims the identities of these plans. Returns the (provider, subject) pairs this
-/// transaction won; a pair another transaction claimed first (a concurrent first login,
-/// which this statement waits for) is not returned and must be handled as a known user.
+/// An identity to claim for a user: a first login's own new user, or an existing user the
+/// login is linked to.
+#[derive(Debug, Clone)]
+pub struct NewIdentity<'a> {
+    pub provider: &'a str,
+    pub subject: &'a str,
+    pub user_id: Uuid,
+    pub email: Option<&'a str>,
+    pub email_verified: bool,
+    pub groups: &'a [String],
+    pub connection_id: Option<&'a str>,
+    pub connection_groups: &'a [String],
+    pub audience: Option<&'a str>,
+    pub at: DateTime<Utc>,
+    /// How a linked identity was linked (`verified_email`); `None` for a sign-up.
+    pub linked_by: Option<&'a str>,
+}
+
+impl<'a> NewIdentity<'a> {
+    pub fn of_plan(plan: &'a SignupPlan) -> Self {
+        NewIdentity {
+            provider: &plan.provider,
+            subject: &plan.subject,
+            user_id: plan.user.id,
+            email: plan.user.email.as_deref(),
+            email_verified: plan.user.email_verified,
+            groups: &plan.groups,
+            connection_id: plan.connection_id.as_deref(),
+            connection_groups: &plan.connection_groups,
+            audience: plan.audience.as_deref(),
+            at: plan.user.last_login_at,
+            linked_by: None,
+        }
+    }
+}
+
+/// Claims these identities. Returns the (provider, subject) pairs this transaction won; a
+/// pair another transaction claimed first (a concurrent first login, which this statement
+/// waits for) is not returned and must be handled as a known user.
 pub async fn claim_identities(
     conn: &mut PgConnection,
-    plans: &[&SignupPlan],
+    identities: &[NewIdentity<'_>],
 ) -> Result<Vec<(String, String)>, sqlx::Error> {
-    if plans.is_empty() {
+    if identities.is_empty() {
         return Ok(Vec::new());
     }
-    let providers: Vec<&str> = plans.iter().map(|p| p.provider.as_str()).collect();
-    let subjects: Vec<&str> = plans.iter().map(|p| p.subject.as_str()).collect();
-    let users: Vec<Uuid> = plans.iter().map(|p| p.user.id).collect();
-    let emails: Vec<Option<&str>> = plans.iter().map(|p| p.user.email.as_deref()).collect();
-    let verified: Vec<bool> = plans.iter().map(|p| p.user.email_verified).collect();
-    let groups: Vec<serde_json::Value> =
-        plans.iter().map(|p| serde_json::json!(p.groups)).collect();
-    let at: Vec<chrono::DateTime<chrono::Utc>> =
-        plans.iter().map(|p| p.user.last_login_at).collect();
+    let providers: Vec<&str> = identities.iter().map(|i| i.provider).collect();
+    let subjects: Vec<&str> = identities.iter().map(|i| i.subject).collect();
+    let users: Vec<Uuid> = identities.iter().map(|i| i.user_id).collect();
+    let emails: Vec<Option<&str>> = identities.iter().map(|i| i.email).collect();
+    let verified: Vec<bool> = identities.iter().map(|i| i.email_verified).collect();
+    // text[] per row cannot be a row of a 2-D array (ragged): pass each as JSON.
+    let groups: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| serde_json::json!(i.groups))
+        .collect();
+    let connection_ids: Vec<Option<&str>> = identities.iter().map(|i| i.connection_id).collect();
+    let connection_groups: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| serde_json::json!(i.connection_groups))
+        .collect();
+    let audiences: Vec<Option<&str>> = identities.iter().map(|i| i.audience).collect();
+    let at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.at).collect();
+    let linked_by: Vec<Option<&str>> = identities.iter().map(|i| i.linked_by).collect();
     let rows = sqlx::query!(
         r#"
-        INSERT INTO external_identities (provider, subject, user_id, email, email_verified, groups, last_login_at)
-        SELECT p, s, u, e, v, ARRAY(SELECT jsonb_array_elements_text(g)), t
-        FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bool[], $6::jsonb[], $7::timestamptz[])
-            AS x(p, s, u, e, v, g, t)
+        INSERT INTO external_identities (provider, subject, user_id, email, email_verified, groups,
+                                         connection_id, connection_groups, audience, last_login_at, linked_by)
+        SELECT p, s, u, e, v, ARRAY(SELECT jsonb_array_elements_text(g)), c,
+               ARRAY(SELECT jsonb_array_elements_text(cg)), a, t, l
+        FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bool[], $6::jsonb[],
+                    $7::text[], $8::jsonb[], $9::text[], $10::timestamptz[], $11::text[])
+            AS x(p, s, u, e, v, g, c, cg, a, t, l)
         ON CONFLICT (provider, subject) DO NOTHING
         RETURNING provider, subject
         "#,
@@ -39,7 +88,11 @@ pub async fn claim_identities(
         &emails as &[Option<&str>],
         &verified,
         &groups,
+        &connection_ids as &[Option<&str>],
+        &connection_groups,
+        &audiences as &[Option<&str>],
         &at,
+        &linked_by as &[Option<&str>],
     )
     .fetch_all(conn)
     .await?;

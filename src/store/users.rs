@@ -12,6 +12,9 @@ pub struct LoadedIdentity {
     pub provider: String,
     pub subject: String,
     pub groups: Vec<String>,
+    pub connection_id: Option<String>,
+    pub connection_groups: Vec<String>,
+    pub audience: Option<String>,
     /// The email this identity's provider last asserted, and whether it said verified.
     pub email: Option<String>,
     pub email_verified: bool,
@@ -30,7 +33,8 @@ pub async fn lock_by_identities(
     let subjects: Vec<&str> = keys.iter().map(|(_, s)| s.as_str()).collect();
     let rows = sqlx::query!(
         r#"
-        SELECT ei.provider, ei.subject, ei.groups, ei.email AS identity_email,
+        SELECT ei.provider, ei.subject, ei.groups, ei.connection_id, ei.connection_groups,
+               ei.audience, ei.email AS identity_email,
                ei.email_verified AS identity_email_verified, ei.merged_from,
                u.id, u.email, (ue.verified_at IS NOT NULL) AS "email_verified!",
                u.display_name, u.auth_display_name, u.auth_picture_url, u.given_name,
@@ -54,6 +58,9 @@ pub async fn lock_by_identities(
             provider: r.provider,
             subject: r.subject,
             groups: r.groups,
+            connection_id: r.connection_id,
+            connection_groups: r.connection_groups,
+            audience: r.audience,
             email: r.identity_email,
             email_verified: r.identity_email_verified,
             merged_from: r.merged_from,
@@ -187,6 +194,9 @@ pub struct IdentityState {
     pub provider: String,
     pub subject: String,
     pub groups: Vec<String>,
+    pub connection_id: Option<String>,
+    pub connection_groups: Vec<String>,
+    pub audience: Option<String>,
     pub email: Option<String>,
     pub email_verified: bool,
     pub last_login_at: DateTime<Utc>,
@@ -209,14 +219,28 @@ pub async fn update_identities(
     let emails: Vec<Option<&str>> = identities.iter().map(|i| i.email.as_deref()).collect();
     let verified: Vec<bool> = identities.iter().map(|i| i.email_verified).collect();
     let login_at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.last_login_at).collect();
+    let connection_ids: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.connection_id.as_deref())
+        .collect();
+    let connection_groups: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| serde_json::json!(i.connection_groups))
+        .collect();
+    let audiences: Vec<Option<&str>> = identities.iter().map(|i| i.audience.as_deref()).collect();
     sqlx::query!(
         r#"
         UPDATE external_identities ei SET
             groups = ARRAY(SELECT jsonb_array_elements_text(d.groups)),
             email = d.email, email_verified = d.verified,
-            last_login_at = GREATEST(ei.last_login_at, d.login_at)
-        FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::bool[], $6::timestamptz[])
-            AS d(provider, subject, groups, email, verified, login_at)
+            last_login_at = GREATEST(ei.last_login_at, d.login_at),
+            connection_id = d.connection_id,
+            connection_groups = ARRAY(SELECT jsonb_array_elements_text(d.connection_groups)),
+            audience = d.audience
+        FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::bool[], $6::timestamptz[],
+                    $7::text[], $8::jsonb[], $9::text[])
+            AS d(provider, subject, groups, email, verified, login_at, connection_id,
+                 connection_groups, audience)
         WHERE ei.provider = d.provider AND ei.subject = d.subject
         "#,
         &providers as &[&str],
@@ -225,6 +249,9 @@ pub async fn update_identities(
         &emails as &[Option<&str>],
         &verified,
         &login_at,
+        &connection_ids as &[Option<&str>],
+        &connection_groups,
+        &audiences as &[Option<&str>],
     )
     .execute(conn)
     .await

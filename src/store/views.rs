@@ -5,13 +5,23 @@ use std::collections::HashMap;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::events::results::{CollectionRecord, EmailRecord, IdentityRecord, WorkingContextRecord};
+use serde_json::value::RawValue;
+
+use crate::events::results::{
+    ClaimsViews, CollectionRecord, EmailRecord, IdentityRecord, WorkingContextRecord,
+};
 
 #[derive(Debug, Default)]
 pub struct UserViews {
     pub emails: HashMap<Uuid, Vec<EmailRecord>>,
     pub identities: HashMap<Uuid, Vec<IdentityRecord>>,
     pub working_contexts: HashMap<Uuid, WorkingContextRecord>,
+    pub claims: HashMap<Uuid, ClaimsViews>,
+}
+
+/// Postgres wrote this JSON itself; failing to take it is a bug, not the input's fault.
+fn pg_json(text: String) -> Result<Box<RawValue>, sqlx::Error> {
+    RawValue::from_string(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
 pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, sqlx::Error> {
@@ -38,7 +48,9 @@ pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, 
             });
     }
     let identities = sqlx::query!(
-        r#"SELECT user_id, provider, subject, created_at FROM external_identities
+        r#"SELECT user_id, provider, subject, created_at, groups, connection_id,
+                  connection_groups, audience, linked_by
+           FROM external_identities
            WHERE user_id = ANY($1) ORDER BY user_id, created_at, provider, subject"#,
         users
     )
@@ -53,7 +65,60 @@ pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, 
                 provider: r.provider,
                 subject: r.subject,
                 created_at: r.created_at,
+                groups: r.groups,
+                connection_id: r.connection_id,
+                connection_groups: r.connection_groups,
+                audience: r.audience,
+                linked_by: r.linked_by,
             });
+    }
+    // Roles, memberships, custom UPNs and attributes in the `$sync` response's shape, built
+    // as JSON by Postgres in one round trip.
+    let claims = sqlx::query!(
+        r#"
+        SELECT u.id AS "user_id!",
+          COALESCE((SELECT json_agg(json_build_object(
+                        'id', r.role || CASE WHEN r.organization_id = '00000000-0000-0000-0000-000000000000'
+                                             THEN '' ELSE '@' || r.organization_id::text END,
+                        'name', r.role,
+                        'organizationId', NULLIF(r.organization_id, '00000000-0000-0000-0000-000000000000'),
+                        'expires', NULL, 'created', r.granted_at)
+                      ORDER BY r.role, r.organization_id)
+                    FROM user_roles r WHERE r.user_id = u.id), '[]')::text AS "roles!",
+          COALESCE((SELECT json_agg(json_build_object(
+                        'id', m.organization_id, 'userId', m.user_id,
+                        'organizationId', m.organization_id, 'organizationName', o.name,
+                        'organizationDisplayName', o.display_name,
+                        'roles', json_build_array(m.role), 'isGuest', false, 'created', m.created_at)
+                      ORDER BY m.created_at, m.organization_id)
+                    FROM organization_members m JOIN organizations o ON o.id = m.organization_id
+                    WHERE m.user_id = u.id), '[]')::text AS "member_of!",
+          COALESCE((SELECT json_agg(json_build_object(
+                        'userId', c.user_id, 'clientUpnKey', c.client_key,
+                        'customUpnValue', c.upn, 'modified', c.updated_at)
+                      ORDER BY c.client_key)
+                    FROM custom_upns c WHERE c.user_id = u.id), '[]')::text AS "custom_upns!",
+          COALESCE((SELECT json_agg(json_build_object(
+                        'name', a.key, 'value', a.value, 'userId', a.user_id,
+                        'expires', NULL, 'modified', a.updated_at)
+                      ORDER BY a.key)
+                    FROM user_attributes a WHERE a.user_id = u.id), '[]')::text AS "attributes!"
+        FROM UNNEST($1::uuid[]) AS u(id)
+        "#,
+        users
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in claims {
+        views.claims.insert(
+            r.user_id,
+            ClaimsViews {
+                roles: pg_json(r.roles)?,
+                member_of: pg_json(r.member_of)?,
+                custom_upns: pg_json(r.custom_upns)?,
+                attributes: pg_json(r.attributes)?,
+            },
+        );
     }
     // The working organization's shared collections plus the user's own.
     let contexts = sqlx::query!(

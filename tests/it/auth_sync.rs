@@ -319,13 +319,7 @@ fn message(partition: i32, offset: i64, id: &str, subject: &str) -> InputMessage
 async fn concurrent_first_logins_of_one_identity_make_one_user_and_one_signup() {
     let db = TestDb::new().await;
     let config = test_config("unused:9092", &db.url);
-    let ctx = Arc::new(StepContext {
-        consumer_group: "g".into(),
-        topics: config.topics.clone(),
-        provisioning: config.provisioning.clone(),
-        merge: config.merge.clone(),
-        max_message_bytes: config.consumer.max_message_bytes,
-    });
+    let ctx = Arc::new(StepContext::from_config(&config).unwrap());
     // Eight transactions race to sign up the same identity, each from its own "partition".
     let mut tasks = Vec::new();
     for i in 0..8 {

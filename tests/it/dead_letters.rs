@@ -68,21 +68,23 @@ async fn non_json_value_is_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_that_is_not_a_cloudevent_is_dead_lettered() {
+async fn json_that_is_not_a_cloudevent_nor_a_provider_payload_is_dead_lettered() {
+    // On the login topic JSON may be a provider's native payload; one no adapter
+    // recognises is `unknown_payload`, and the reason still says what the envelope lacked.
     assert_dead_lettered(
         br#"{"provider":"p","subject":"s"}"#,
-        "not_cloudevent",
+        "unknown_payload",
         "specversion",
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cloudevent_of_wrong_type_is_dead_lettered() {
+async fn cloudevent_of_unknown_type_is_dead_lettered() {
     let wrong = serde_json::to_vec(&json!({"specversion": "1.0", "id": "w", "source": "s",
         "type": "auth.logout", "time": "2026-05-01T10:00:00Z", "data": {}}))
     .expect("json");
-    assert_dead_lettered(&wrong, "wrong_type", "auth.logout").await;
+    assert_dead_lettered(&wrong, "unknown_payload", "auth.logout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

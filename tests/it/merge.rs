@@ -378,13 +378,7 @@ fn input(topic: &str, partition: i32, offset: i64, value: Vec<u8>) -> InputMessa
 async fn merge_racing_logins_of_either_user() {
     let db = TestDb::new().await;
     let config = test_config("unused:9092", &db.url);
-    let ctx = Arc::new(StepContext {
-        consumer_group: "g".into(),
-        topics: config.topics.clone(),
-        provisioning: config.provisioning.clone(),
-        merge: config.merge.clone(),
-        max_message_bytes: config.consumer.max_message_bytes,
-    });
+    let ctx = Arc::new(StepContext::from_config(&config).unwrap());
     let signups: Vec<InputMessage> = ["x", "y"]
         .iter()
         .enumerate()
