@@ -92,6 +92,11 @@ pub struct RoleSetConfig {
     /// match the IdP; only the roles this set can grant are ever revoked), `additive`
     /// (grant, never revoke).
     pub mode: String,
+    /// Only logins of these providers are matched against this set (empty = every
+    /// provider). With several identities per user, scope `force` sets to the IdP that
+    /// owns the groups, so a login through another provider cannot revoke them.
+    #[serde(default)]
+    pub providers: Vec<String>,
     pub rules: Vec<RoleRuleConfig>,
 }
 

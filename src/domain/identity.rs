@@ -77,15 +77,47 @@ impl RoleRule {
 #[derive(Clone, Debug)]
 struct RoleSet {
     mode: SyncMode,
+    /// Empty: every provider.
+    providers: HashSet<String>,
     rules: Vec<RoleRule>,
 }
 
-/// The claims role rules look at, as they stand after the login was applied.
+/// The claims role rules look at, as they stand after the login was applied, and which of
+/// them the login itself asserted.
 #[derive(Clone, Copy, Debug)]
 pub struct Claims<'a> {
+    pub provider: &'a str,
     pub groups: &'a [String],
     pub connection_groups: &'a [String],
     pub attributes: &'a BTreeMap<String, String>,
+    pub asserted: Asserted,
+}
+
+/// Which claim sources the login carried. `force` revokes only on what the IdP asserted:
+/// a login that says nothing about groups is no evidence they were removed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Asserted {
+    pub groups: bool,
+    pub connection_groups: bool,
+    pub attributes: bool,
+}
+
+impl Asserted {
+    pub fn of(event: &LoginEvent) -> Self {
+        Self {
+            groups: event.groups.is_some(),
+            connection_groups: event.connection.is_some(),
+            attributes: event.attributes.is_some(),
+        }
+    }
+
+    fn covers(&self, claim: &ClaimSource) -> bool {
+        match claim {
+            ClaimSource::Groups => self.groups,
+            ClaimSource::ConnectionGroups => self.connection_groups,
+            ClaimSource::Attribute(_) => self.attributes,
+        }
+    }
 }
 
 /// The compiled `[identity]` configuration.
@@ -204,7 +236,11 @@ impl IdentityPolicy {
                 );
                 rules.push(compile_rule(rule, &name)?);
             }
-            role_sets.push(RoleSet { mode, rules });
+            role_sets.push(RoleSet {
+                mode,
+                providers: set.providers.iter().cloned().collect(),
+                rules,
+            });
         }
         Ok(Self {
             link_verified_email: config.link_verified_email,
@@ -219,8 +255,9 @@ impl IdentityPolicy {
     }
 
     /// The user's roles after a login: `current` with every set's grants added and, for
-    /// `force` sets, the roles the set can grant but whose rule no longer matches removed.
-    /// Roles no rule can grant (granted by hand or by a merge) are never touched.
+    /// `force` sets, the roles the set can grant but whose rule no longer matches a claim the
+    /// login asserted removed. Roles no rule can grant (granted by hand or by a merge) are
+    /// never touched.
     pub fn reconcile_roles(
         &self,
         user_id: Uuid,
@@ -232,6 +269,9 @@ impl IdentityPolicy {
         let mut grant = BTreeSet::new();
         for set in &self.role_sets {
             if set.mode == SyncMode::Import && !first_login {
+                continue;
+            }
+            if !set.providers.is_empty() && !set.providers.contains(claims.provider) {
                 continue;
             }
             for rule in &set.rules {
@@ -248,7 +288,7 @@ impl IdentityPolicy {
                 };
                 if matched {
                     grant.insert(rule.grant(user_id));
-                } else if set.mode == SyncMode::Force {
+                } else if set.mode == SyncMode::Force && claims.asserted.covers(&rule.claim) {
                     revoke.insert(rule.grant(user_id));
                 }
             }
@@ -404,6 +444,7 @@ mod tests {
                 .map(|(mode, rules)| RoleSetConfig {
                     name: mode.into(),
                     mode: mode.into(),
+                    providers: Vec::new(),
                     rules,
                 })
                 .collect(),
@@ -416,11 +457,19 @@ mod tests {
         names.iter().map(|r| (r.to_string(), Uuid::nil())).collect()
     }
 
+    const ALL: Asserted = Asserted {
+        groups: true,
+        connection_groups: true,
+        attributes: true,
+    };
+
     fn claims<'a>(groups: &'a [String], attrs: &'a BTreeMap<String, String>) -> Claims<'a> {
         Claims {
+            provider: "p",
             groups,
             connection_groups: &[],
             attributes: attrs,
+            asserted: ALL,
         }
     }
 
@@ -443,6 +492,37 @@ mod tests {
             false,
         );
         assert_eq!(after, roles(&["engineer", "hand-granted"]));
+        // A login that asserts no groups revokes nothing.
+        let silent = Claims {
+            asserted: Asserted::default(),
+            ..claims(&[], &attrs)
+        };
+        assert_eq!(
+            p.reconcile_roles(user, &roles(&["admin"]), silent, false),
+            roles(&["admin"])
+        );
+    }
+
+    #[test]
+    fn a_set_scoped_to_providers_ignores_other_providers() {
+        let mut config = IdentityConfig::default();
+        config.role_sets.push(RoleSetConfig {
+            name: "okta".into(),
+            mode: "force".into(),
+            providers: vec!["okta".into()],
+            rules: vec![rule("groups", "equals", "admins", "admin")],
+        });
+        let p = IdentityPolicy::compile(&config).unwrap();
+        let attrs = BTreeMap::new();
+        let user = Uuid::new_v4();
+        let other = Claims {
+            provider: "github",
+            ..claims(&[], &attrs)
+        };
+        assert_eq!(
+            p.reconcile_roles(user, &roles(&["admin"]), other, false),
+            roles(&["admin"])
+        );
     }
 
     #[test]
@@ -479,9 +559,11 @@ mod tests {
             user,
             &BTreeSet::new(),
             Claims {
+                provider: "p",
                 groups: &[],
                 connection_groups: &cg,
                 attributes: &attrs,
+                asserted: ALL,
             },
             false,
         );
@@ -503,6 +585,7 @@ mod tests {
         let set = |mode: &str, rules| RoleSetConfig {
             name: "idp".into(),
             mode: mode.into(),
+            providers: Vec::new(),
             rules,
         };
         let e = bad(vec![set("force", vec![rule("groups", "regex", "(", "r")])]);

@@ -14,7 +14,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{BatchReport, InputMessage, Step, StepContext};
-use crate::domain::identity::{self, Claims, Grant, LinkDecision};
+use crate::domain::identity::{self, Asserted, Claims, Grant, LinkDecision};
 use crate::domain::{self, LoginOutcome, RefreshReason, SignupPlan, UserRecord};
 use crate::events::providers::{self, RawMessage};
 use crate::events::results::{self, Linking, ResultEvent};
@@ -440,9 +440,11 @@ impl AuthSync {
                         user_id,
                         &state.roles,
                         Claims {
+                            provider: &event.provider,
                             groups: identity_groups,
                             connection_groups: &connection.groups,
                             attributes: &state.attributes,
+                            asserted: Asserted::of(event),
                         },
                         signed_up,
                     );
@@ -452,9 +454,11 @@ impl AuthSync {
                             before.into_iter().collect(),
                             state.roles.iter().cloned().collect(),
                         ));
-                        outcome.refresh_reasons.push(RefreshReason::RolesChanged);
-                        outcome.refresh_reasons.sort();
-                        outcome.refresh_reasons.dedup();
+                        // A sign-up's first token is issued after it: nothing to refresh.
+                        if !signed_up {
+                            outcome.refresh_reasons.push(RefreshReason::RolesChanged);
+                            outcome.refresh_reasons.sort();
+                        }
                         changed = true;
                     }
                 }
