@@ -695,4 +695,34 @@ mod tests {
         let config = Config::default();
         assert!(!format!("{config:?}").contains("postgres://"));
     }
+
+    #[test]
+    fn the_example_file_loads_and_role_rules_come_from_the_file() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/authsync.example.toml");
+        let config = Config::load_from(Some(&example), env(&[])).unwrap();
+        assert!(config.identity.link_verified_email);
+
+        let dir = std::env::temp_dir().join(format!("authsync-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("roles.toml");
+        let rules = |value: &str| {
+            format!(
+                "[[identity.role_sets]]\nname = \"okta\"\nmode = \"force\"\n\
+                 [[identity.role_sets.rules]]\nname = \"admins\"\nclaim = \"groups\"\n\
+                 match = \"regex\"\nvalue = '{value}'\nrole = \"admin\"\n"
+            )
+        };
+        std::fs::write(&path, rules("Admins|Owners")).unwrap();
+        let config = Config::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(config.identity.role_sets[0].rules[0].role, "admin");
+
+        std::fs::write(&path, rules("Admins(")).unwrap();
+        let err = Config::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("okta/admins") && err.contains("regex"),
+            "{err}"
+        );
+    }
 }

@@ -251,3 +251,27 @@ fn bad_setting_stops_the_binary_with_a_message_naming_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("consumer.max_message_bytes"), "{stderr}");
 }
+
+#[test]
+fn invalid_role_rule_stops_start_up_naming_the_rule() {
+    let dir = std::env::temp_dir().join(random_name("authsync-rules"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("authsync.toml");
+    std::fs::write(
+        &path,
+        "[[identity.role_sets]]\nname = \"entra\"\nmode = \"sometimes\"\nrules = []\n",
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_authsync"))
+        .arg("--config")
+        .arg(&path)
+        .arg("config")
+        .output()
+        .expect("run binary");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`entra`") && stderr.contains("unknown mode `sometimes`"),
+        "{stderr}"
+    );
+}
