@@ -423,18 +423,19 @@ impl LoginEvent {
                 )
             }
         })?;
-        let kind =
-            match data.kind.as_deref() {
-                None | Some("login") => LoginKind::Login,
-                Some("signup") => LoginKind::Signup,
-                Some("profile_update") => LoginKind::ProfileUpdate,
-                Some(other) => return Err(DecodeError::new(
+        let kind = match data.kind.as_deref() {
+            None | Some("login") => LoginKind::Login,
+            Some("signup") => LoginKind::Signup,
+            Some("profile_update") => LoginKind::ProfileUpdate,
+            Some(other) => {
+                return Err(DecodeError::new(
                     ErrorClass::InvalidField,
                     format!(
                         "field `data.kind` is `{other}`; expected login, signup or profile_update"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let mut event = LoginEvent::new(
             envelope.id,
             envelope.source,
