@@ -6,6 +6,7 @@ mod dead_letters;
 mod helpers;
 mod merge;
 mod ops;
+mod providers;
 mod real_broker;
 mod relay;
 mod runtime;
