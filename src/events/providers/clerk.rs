@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{attributes, epoch_millis, missing, owned, parse, require, Delivery};
+use super::{attributes, epoch_millis, full_name, missing, owned, parse, require, Delivery};
 use crate::events::login::LoginKind;
 use crate::events::{DecodeError, LoginEvent};
 
@@ -146,13 +146,8 @@ pub(super) fn decode(
         }
         login.given_name = owned(user.first_name);
         login.family_name = owned(user.last_name);
-        login.display_name = match (user.first_name, user.last_name) {
-            (Some(first), Some(last)) if !first.is_empty() && !last.is_empty() => {
-                Some(format!("{first} {last}"))
-            }
-            (Some(first), _) if !first.is_empty() => Some(first.to_string()),
-            _ => owned(user.username),
-        };
+        login.display_name =
+            full_name(user.first_name, user.last_name).or_else(|| owned(user.username));
         login.photo_url = owned(user.image_url);
         login.locale = owned(user.locale);
         login.attributes = attributes(&[

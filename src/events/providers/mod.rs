@@ -402,6 +402,17 @@ pub(crate) fn as_email(value: Option<&str>) -> Option<String> {
         .map(str::to_string)
 }
 
+/// "First Last" from whichever parts are present and non-blank.
+pub(crate) fn full_name(first: Option<&str>, last: Option<&str>) -> Option<String> {
+    let parts: Vec<&str> = [first, last]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
 pub(crate) fn owned(value: Option<&str>) -> Option<String> {
     value.map(str::to_string)
 }

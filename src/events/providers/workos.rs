@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{attributes, missing, owned, parse, require, rfc3339, Delivery};
+use super::{attributes, full_name, missing, owned, parse, require, rfc3339, Delivery};
 use crate::events::login::{Connection, LoginKind};
 use crate::events::{DecodeError, LoginEvent};
 
@@ -106,10 +106,7 @@ pub(super) fn decode(
         login.email_verified = user.email_verified;
         login.given_name = owned(user.first_name);
         login.family_name = owned(user.last_name);
-        login.display_name = match (user.first_name, user.last_name) {
-            (Some(first), Some(last)) => Some(format!("{first} {last}")),
-            (first, last) => owned(first.or(last)),
-        };
+        login.display_name = full_name(user.first_name, user.last_name);
         login.photo_url = owned(user.profile_picture_url);
         login.attributes = attributes(&[("workos.external_id", user.external_id)]);
         login
