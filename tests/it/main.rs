@@ -7,6 +7,7 @@ mod helpers;
 mod identity;
 mod merge;
 mod ops;
+mod providers;
 mod real_broker;
 mod relay;
 mod runtime;
