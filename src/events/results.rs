@@ -111,13 +111,24 @@ pub struct IdentityRecord {
 }
 
 /// The `$sync` response's `roles`, `memberOf`, `customUpns` and `attributes` arrays, as
-/// JSON the store read.
+/// JSON the store read (empty arrays by default).
 #[derive(Debug)]
 pub struct ClaimsViews {
     pub roles: Box<RawValue>,
     pub member_of: Box<RawValue>,
     pub custom_upns: Box<RawValue>,
     pub attributes: Box<RawValue>,
+}
+
+impl Default for ClaimsViews {
+    fn default() -> Self {
+        Self {
+            roles: EMPTY_ARRAY.clone(),
+            member_of: EMPTY_ARRAY.clone(),
+            custom_upns: EMPTY_ARRAY.clone(),
+            attributes: EMPTY_ARRAY.clone(),
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -73,52 +73,57 @@ pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, 
             });
     }
     // Roles, memberships, custom UPNs and attributes in the `$sync` response's shape, built
-    // as JSON by Postgres in one round trip.
+    // as JSON by Postgres in one round trip. Set-based per table (not a correlated subquery
+    // per user, whose plan could scan `organizations` once per user).
     let claims = sqlx::query!(
         r#"
-        SELECT u.id AS "user_id!",
-          COALESCE((SELECT json_agg(json_build_object(
-                        'id', r.role || CASE WHEN r.organization_id = '00000000-0000-0000-0000-000000000000'
-                                             THEN '' ELSE '@' || r.organization_id::text END,
-                        'name', r.role,
-                        'organizationId', NULLIF(r.organization_id, '00000000-0000-0000-0000-000000000000'),
-                        'expires', NULL, 'created', r.granted_at)
-                      ORDER BY r.role, r.organization_id)
-                    FROM user_roles r WHERE r.user_id = u.id), '[]')::text AS "roles!",
-          COALESCE((SELECT json_agg(json_build_object(
-                        'id', m.organization_id, 'userId', m.user_id,
-                        'organizationId', m.organization_id, 'organizationName', o.name,
-                        'organizationDisplayName', o.display_name,
-                        'roles', json_build_array(m.role), 'isGuest', false, 'created', m.created_at)
-                      ORDER BY m.created_at, m.organization_id)
-                    FROM organization_members m JOIN organizations o ON o.id = m.organization_id
-                    WHERE m.user_id = u.id), '[]')::text AS "member_of!",
-          COALESCE((SELECT json_agg(json_build_object(
-                        'userId', c.user_id, 'clientUpnKey', c.client_key,
-                        'customUpnValue', c.upn, 'modified', c.updated_at)
-                      ORDER BY c.client_key)
-                    FROM custom_upns c WHERE c.user_id = u.id), '[]')::text AS "custom_upns!",
-          COALESCE((SELECT json_agg(json_build_object(
-                        'name', a.key, 'value', a.value, 'userId', a.user_id,
-                        'expires', NULL, 'modified', a.updated_at)
-                      ORDER BY a.key)
-                    FROM user_attributes a WHERE a.user_id = u.id), '[]')::text AS "attributes!"
-        FROM UNNEST($1::uuid[]) AS u(id)
+        SELECT r.user_id AS "user_id!", 'roles' AS "kind!",
+               json_agg(json_build_object(
+                   'id', r.role || CASE WHEN r.organization_id = '00000000-0000-0000-0000-000000000000'
+                                        THEN '' ELSE '@' || r.organization_id::text END,
+                   'name', r.role,
+                   'organizationId', NULLIF(r.organization_id, '00000000-0000-0000-0000-000000000000'),
+                   'expires', NULL, 'created', r.granted_at)
+                 ORDER BY r.role, r.organization_id)::text AS "json!"
+        FROM user_roles r WHERE r.user_id = ANY($1) GROUP BY r.user_id
+        UNION ALL
+        SELECT m.user_id, 'member_of',
+               json_agg(json_build_object(
+                   'id', m.organization_id, 'userId', m.user_id,
+                   'organizationId', m.organization_id, 'organizationName', o.name,
+                   'organizationDisplayName', o.display_name,
+                   'roles', json_build_array(m.role), 'isGuest', false, 'created', m.created_at)
+                 ORDER BY m.created_at, m.organization_id)::text
+        FROM organization_members m JOIN organizations o ON o.id = m.organization_id
+        WHERE m.user_id = ANY($1) GROUP BY m.user_id
+        UNION ALL
+        SELECT c.user_id, 'custom_upns',
+               json_agg(json_build_object(
+                   'userId', c.user_id, 'clientUpnKey', c.client_key,
+                   'customUpnValue', c.upn, 'modified', c.updated_at)
+                 ORDER BY c.client_key)::text
+        FROM custom_upns c WHERE c.user_id = ANY($1) GROUP BY c.user_id
+        UNION ALL
+        SELECT a.user_id, 'attributes',
+               json_agg(json_build_object(
+                   'name', a.key, 'value', a.value, 'userId', a.user_id,
+                   'expires', NULL, 'modified', a.updated_at)
+                 ORDER BY a.key)::text
+        FROM user_attributes a WHERE a.user_id = ANY($1) GROUP BY a.user_id
         "#,
         users
     )
     .fetch_all(&mut *conn)
     .await?;
     for r in claims {
-        views.claims.insert(
-            r.user_id,
-            ClaimsViews {
-                roles: pg_json(r.roles)?,
-                member_of: pg_json(r.member_of)?,
-                custom_upns: pg_json(r.custom_upns)?,
-                attributes: pg_json(r.attributes)?,
-            },
-        );
+        let json = pg_json(r.json)?;
+        let views = views.claims.entry(r.user_id).or_default();
+        match r.kind.as_str() {
+            "roles" => views.roles = json,
+            "member_of" => views.member_of = json,
+            "custom_upns" => views.custom_upns = json,
+            _ => views.attributes = json,
+        }
     }
     // The working organization's shared collections plus the user's own.
     let contexts = sqlx::query!(
