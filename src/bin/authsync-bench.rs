@@ -640,8 +640,78 @@ impl Bench {
         Ok(())
     }
 
+    /// The broker's own share of the latency: the same pacing, producer and reader through
+    /// one topic with nothing in between. Returns (p50, p99) in ms.
+    async fn broker_floor(&self, n: usize) -> anyhow::Result<(f64, f64)> {
+        let topic = format!("bench.floor.{}", uuid::Uuid::new_v4().simple());
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()?;
+        admin
+            .create_topics(
+                &[NewTopic::new(
+                    &topic,
+                    self.args.partitions,
+                    TopicReplication::Fixed(1),
+                )],
+                &AdminOptions::new(),
+            )
+            .await?;
+        let reader: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("bench-floor-{topic}"))
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        reader.subscribe(&[&topic])?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("linger.ms", "0")
+            .create()?;
+        // One clock for both sides: the payload carries its send time (µs since t0).
+        let t0 = Instant::now();
+        let sender = tokio::spawn({
+            let (producer, topic) = (producer.clone(), topic.clone());
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                for i in 0..n {
+                    tick.tick().await;
+                    let sent = t0.elapsed().as_micros().to_string();
+                    let key = format!("k-{}", i % 1000);
+                    if let Ok(d) =
+                        producer.send_result(FutureRecord::to(&topic).key(&key).payload(&sent))
+                    {
+                        drop(d);
+                    }
+                }
+            }
+        });
+        let mut latencies = Vec::with_capacity(n);
+        let deadline = Instant::now() + Duration::from_secs(n as u64 / 500 + 30);
+        while latencies.len() < n && Instant::now() < deadline {
+            let m = tokio::select! {
+                m = reader.recv() => m?,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+            };
+            let sent_us: f64 = std::str::from_utf8(m.payload().unwrap_or_default())?.parse()?;
+            latencies.push(t0.elapsed().as_secs_f64() * 1000.0 - sent_us / 1000.0);
+        }
+        sender.await?;
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let pct = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 - 1.0) * q) as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Ok((pct(0.5), pct(0.99)))
+    }
+
     /// 1k events/s paced; latency = produce → result event readable on the output topic.
     async fn latency(&self, n: usize) -> anyhow::Result<()> {
+        progress("latency: broker floor (produce -> consume, nothing in between)");
+        let (floor_p50, floor_p99) = self.broker_floor(n.min(10_000)).await?;
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let db = Db::create(&self.args.database_url).await?;
         let mut config = self.config(&db, &suffix, free_port()?);
@@ -673,7 +743,10 @@ impl Bench {
                     tick.tick().await;
                     let id = format!("l-{i}");
                     let key = format!("bench:user-{}", i % users);
-                    let value = login_value(&id, i % users, i, &time_at(i as i64));
+                    // Wall-clock event times let the database tell the stages apart.
+                    let now =
+                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                    let value = login_value(&id, i % users, i, &now);
                     if let Ok(mut s) = sent.lock() {
                         s.insert(id, Instant::now());
                     }
@@ -714,7 +787,7 @@ impl Bench {
                 .copied()
                 .unwrap_or(0.0)
         };
-        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n}) }.print();
+        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": floor_p50, "broker_floor_p99_ms": floor_p99}) }.print();
         db.drop().await;
         Ok(())
     }
