@@ -277,6 +277,10 @@ pub struct ConsumerConfig {
     /// partition. Memory grows with it times the partitions a replica owns; larger values
     /// speed up replays (duplicates are cheap, fetching is not).
     pub prefetch_kbytes_per_partition: u64,
+    /// librdkafka `fetch.queue.backoff.ms`: how long a partition's fetching pauses once its
+    /// pre-fetch queue is full. librdkafka's 1000 ms default idles the pipeline for up to a
+    /// second whenever the worker catches up (replays ran at 48k/s instead of 114k/s).
+    pub fetch_queue_backoff_ms: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -292,6 +296,7 @@ impl Default for ConsumerConfig {
             unready_after_failures: 5,
             fetch_wait_max_ms: 10,
             prefetch_kbytes_per_partition: 2048,
+            fetch_queue_backoff_ms: 10,
         }
     }
 }
@@ -543,6 +548,12 @@ impl Config {
             return Err(invalid(
                 "consumer.prefetch_kbytes_per_partition",
                 "must be between 256 and 1048576",
+            ));
+        }
+        if self.consumer.fetch_queue_backoff_ms > 60_000 {
+            return Err(invalid(
+                "consumer.fetch_queue_backoff_ms",
+                "must be at most 60000",
             ));
         }
         if !(1..=50_000).contains(&self.relay.batch_size) {

@@ -226,6 +226,10 @@ pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
         .set(
             "fetch.wait.max.ms",
             config.consumer.fetch_wait_max_ms.to_string(),
+        )
+        .set(
+            "fetch.queue.backoff.ms",
+            config.consumer.fetch_queue_backoff_ms.to_string(),
         );
     cc
 }
