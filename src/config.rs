@@ -260,7 +260,9 @@ pub struct ConsumerConfig {
     pub batch_linger_ms: u64,
     /// Largest accepted message value; larger ones are dead-lettered (`too_large`).
     pub max_message_bytes: usize,
-    /// Messages queued per partition; when full, fetching waits (back-pressure).
+    /// Messages queued per partition. A message for a full queue waits in an overflow
+    /// shared by all partitions (up to 4 x this many messages) so the others keep being
+    /// fed; when the overflow is full, fetching waits (back-pressure).
     pub partition_buffer: usize,
     /// On shutdown or revocation, how long in-flight batches may take to finish.
     pub drain_timeout_ms: u64,

@@ -111,6 +111,7 @@ enum OutboxCommand {
 }
 
 fn main() -> ExitCode {
+    app::limit_malloc_arenas();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,

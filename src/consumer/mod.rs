@@ -6,7 +6,7 @@
 //! librdkafka's auto-commit sends it. On revocation and on shutdown in-flight batches drain
 //! (bounded by `consumer.drain_timeout_ms`) and stored offsets are committed synchronously.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -376,6 +376,109 @@ impl Worker {
     }
 }
 
+/// Hands fetched messages to the partition queues without head-of-line blocking.
+///
+/// librdkafka delivers long runs of one partition (a fetch response per partition). When
+/// that partition's queue is full, waiting for it would starve the other partitions, whose
+/// queues drain meanwhile (measured: a third of the CPU idle). Instead the message waits in
+/// a bounded overflow, in order per partition, and the loop goes on feeding the others; it
+/// waits only when the overflow is full, and then for whichever queue frees a slot first.
+struct Dispatcher {
+    senders: HashMap<PartitionKey, mpsc::Sender<InputMessage>>,
+    overflow: HashMap<PartitionKey, VecDeque<InputMessage>>,
+    /// Messages in `overflow`, all partitions.
+    overflowed: usize,
+    /// Bound of `overflowed`.
+    limit: usize,
+}
+
+impl Dispatcher {
+    fn new(limit: usize) -> Self {
+        Self {
+            senders: HashMap::new(),
+            overflow: HashMap::new(),
+            overflowed: 0,
+            limit,
+        }
+    }
+
+    fn is_live(&self, key: &PartitionKey) -> bool {
+        self.senders.get(key).is_some_and(|s| !s.is_closed())
+    }
+
+    /// A new queue for `key`; overflow left from an earlier assignment is dropped (those
+    /// messages are fetched again from the committed offset, in order).
+    fn register(&mut self, key: PartitionKey, tx: mpsc::Sender<InputMessage>) {
+        if let Some(stale) = self.overflow.remove(&key) {
+            self.overflowed -= stale.len();
+        }
+        self.senders.insert(key, tx);
+    }
+
+    fn dispatch(&mut self, key: PartitionKey, message: InputMessage) {
+        let Some(tx) = self.senders.get(&key) else {
+            return;
+        };
+        let queue = self.overflow.entry(key).or_default();
+        if queue.is_empty() {
+            match tx.try_send(message) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(message)) => queue.push_back(message),
+            }
+        } else {
+            queue.push_back(message);
+        }
+        self.overflowed += 1;
+    }
+
+    /// Moves overflow into queues that have room; never waits.
+    fn flush(&mut self) {
+        if self.overflowed == 0 {
+            return;
+        }
+        for (key, queue) in &mut self.overflow {
+            let Some(tx) = self.senders.get(key) else {
+                self.overflowed -= queue.len();
+                queue.clear();
+                continue;
+            };
+            while let Some(message) = queue.pop_front() {
+                match tx.try_send(message) {
+                    Ok(()) => self.overflowed -= 1,
+                    Err(mpsc::error::TrySendError::Full(message)) => {
+                        queue.push_front(message);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        // Revoked: the next owner fetches these again.
+                        self.overflowed -= queue.len() + 1;
+                        queue.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.overflowed >= self.limit
+    }
+
+    /// Resolves once a partition with overflow has room in its queue.
+    async fn room(&self) {
+        let waits: Vec<_> = self
+            .overflow
+            .iter()
+            .filter(|(_, queue)| !queue.is_empty())
+            .filter_map(|(key, _)| self.senders.get(key))
+            .map(|tx| Box::pin(tx.reserve()))
+            .collect();
+        if !waits.is_empty() {
+            // The permit is released at once; `flush` then takes the slot.
+            let _ = futures::future::select_all(waits).await;
+        }
+    }
+}
+
 /// Consumes `handlers`' topics until `shutdown`, then drains and commits.
 pub async fn run(
     config: &Config,
@@ -405,15 +508,29 @@ pub async fn run(
     tracing::info!(?topics, group = %config.kafka.group_id, "consumer started");
     health.consumer_running.store(true, Ordering::Relaxed);
 
-    let mut senders: HashMap<PartitionKey, mpsc::Sender<InputMessage>> = HashMap::new();
+    // A fetch response's run of one partition (up to 1 MiB) fits in the overflow.
+    let mut dispatcher = Dispatcher::new(4 * config.consumer.partition_buffer);
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let hard_abort = CancellationToken::new();
 
-    'fetch: loop {
+    loop {
+        dispatcher.flush();
+        // Back-pressure: with the overflow full the loop waits for a queue to drain, and
+        // librdkafka stops fetching once its own pre-fetch queue is full. Shutdown still
+        // interrupts.
+        if dispatcher.is_full() {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = dispatcher.room() => continue,
+            }
+        }
         let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
+            // Overflow must reach its queue even when no new message arrives.
+            _ = dispatcher.room(), if dispatcher.overflowed > 0 => continue,
         };
         let message = match received {
             Ok(m) => m,
@@ -427,8 +544,7 @@ pub async fn run(
         drop(message);
         metrics.consumed.with_label_values(&[&input.topic]).inc();
         let key: PartitionKey = (input.topic.clone(), input.partition);
-        let live =
-            partitions.get(&key).is_some() && senders.get(&key).is_some_and(|s| !s.is_closed());
+        let live = partitions.get(&key).is_some() && dispatcher.is_live(&key);
         if !live {
             // A partition seen for the first time since its assignment.
             let Some(handler) = handlers.get(&key.0).cloned() else {
@@ -441,7 +557,7 @@ pub async fn run(
             });
             partitions.insert(key.clone(), state.clone());
             let (tx, rx) = mpsc::channel(config.consumer.partition_buffer);
-            senders.insert(key.clone(), tx);
+            dispatcher.register(key.clone(), tx);
             let worker = Worker {
                 key: key.clone(),
                 state,
@@ -454,28 +570,13 @@ pub async fn run(
             tasks.retain(|t| !t.is_finished());
             tasks.push(tokio::spawn(worker.run(rx)));
         }
-        let Some(tx) = senders.get(&key) else {
-            continue;
-        };
-        // Back-pressure: a full partition queue makes the fetch loop wait (librdkafka stops
-        // fetching once its own pre-fetch queue is full). Shutdown still interrupts.
-        match tx.try_send(input) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(input)) => {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break 'fetch,
-                    _ = tx.send(input) => {}
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+        dispatcher.dispatch(key, input);
     }
 
     // Shutdown: stop fetching, let every task finish what it holds, commit, leave.
     health.shutting_down.store(true, Ordering::Relaxed);
     tracing::info!("consumer draining");
-    drop(senders);
+    drop(dispatcher);
     let drain = futures::future::join_all(tasks);
     tokio::pin!(drain);
     if tokio::time::timeout(config.drain_timeout(), &mut drain)

@@ -157,15 +157,28 @@ async fn transient_database_failures_are_retried_without_loss() {
     assert_eq!(h.db.count("SELECT count(*) FROM outbox").await, 62);
 }
 
-/// Tiny queues and batches: the fetch loop keeps hitting full partition queues and must
-/// neither lose nor reorder anything.
+fn tiny_queues(c: &mut authsync::config::Config) {
+    c.consumer.batch_size = 3;
+    c.consumer.partition_buffer = 3;
+}
+
+/// Tiny queues and batches: the fetch loop keeps hitting full partition queues (and a full
+/// overflow) and must neither lose nor reorder anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_partition_queues_apply_back_pressure_without_loss() {
-    let mut h = Harness::with(|c| {
-        c.consumer.batch_size = 3;
-        c.consumer.partition_buffer = 3;
-    })
-    .await;
+    back_pressure_without_loss(Harness::with(tiny_queues).await).await;
+}
+
+/// The same against the broker process, whose fetch responses are long per-partition runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_partition_queues_apply_back_pressure_without_loss_on_a_real_broker() {
+    let Some(h) = Harness::on_real_broker(tiny_queues).await else {
+        return;
+    };
+    back_pressure_without_loss(h).await;
+}
+
+async fn back_pressure_without_loss(mut h: Harness) {
     for i in 0..400 {
         h.produce(
             &format!("p:q{}", i % 7),
