@@ -280,6 +280,10 @@ for path in sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml"))):
               f"[{base}] client certificate / key mounted from the Secret, key password from it")
         check(not any("password" in str(v).lower() for v in one(docs, "ConfigMap")["data"].values()),
               f"[{base}] no credential in the ConfigMap")
+        rendered = one(docs, "ConfigMap")["data"]["authsync.toml"]
+        check(rendered.count("[[identity.role_sets.rules]]") == 2 and "[[identity.role_sets]]" in rendered
+              and 'mode = "force"' in rendered,
+              f"[{base}] identity role sets render as TOML arrays of tables (and the binary loads them)")
         pdb = one(docs, "PodDisruptionBudget")["spec"]
         check(pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow",
               f"[{base}] PDB maxUnavailable 1, unhealthyPodEvictionPolicy AlwaysAllow")

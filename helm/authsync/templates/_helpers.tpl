@@ -159,7 +159,9 @@ and booleans are valid TOML, and integers never come out in exponent form. Sub-t
 {{- $lines = append $lines "" }}
 {{- $lines = append $lines (printf "[%s]" (include "authsync.tomlKey" $section)) }}
 {{- range $key, $value := $fields }}
-{{- if kindIs "map" $value }}
+{{- if and (eq $section "identity") (eq $key "role_sets") }}
+{{- /* an array of tables: rendered at the end */}}
+{{- else if kindIs "map" $value }}
 {{- if $value }}{{ $_ := set $tables $key $value }}{{ end }}
 {{- else if not (kindIs "invalid" $value) }}
 {{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $value)) }}
@@ -174,6 +176,22 @@ and booleans are valid TOML, and integers never come out in exponent form. Sub-t
 {{- if not (kindIs "string" $value) }}{{ $text = toJson $value }}{{ end }}
 {{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $text)) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- /* identity.role_sets: [[identity.role_sets]] with its [[identity.role_sets.rules]] */}}
+{{- range $set := ((get $config "identity" | default dict).role_sets | default list) }}
+{{- $lines = append $lines "" }}
+{{- $lines = append $lines "[[identity.role_sets]]" }}
+{{- range $key, $value := $set }}
+{{- if ne $key "rules" }}
+{{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $value)) }}
+{{- end }}
+{{- end }}
+{{- range $rule := ($set.rules | default list) }}
+{{- $lines = append $lines "[[identity.role_sets.rules]]" }}
+{{- range $key, $value := $rule }}
+{{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $value)) }}
 {{- end }}
 {{- end }}
 {{- end }}
