@@ -35,14 +35,6 @@ pub enum LoginKind {
 }
 
 impl LoginKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LoginKind::Login => "login",
-            LoginKind::Signup => "signup",
-            LoginKind::ProfileUpdate => "profile_update",
-        }
-    }
-
     pub fn counts_as_login(self) -> bool {
         !matches!(self, LoginKind::ProfileUpdate)
     }
@@ -141,12 +133,12 @@ struct ConnectionData {
 }
 
 /// Size limits at the edge, so a hostile payload cannot bloat rows or tokens.
-pub const MAX_KEY: usize = 255;
-pub const MAX_TEXT: usize = 512;
-pub const MAX_URL: usize = 2048;
-pub const MAX_EMAIL: usize = 320;
-pub const MAX_LIST: usize = 500;
-pub const MAX_ATTRIBUTE_VALUE: usize = 2048;
+const MAX_KEY: usize = 255;
+const MAX_TEXT: usize = 512;
+const MAX_URL: usize = 2048;
+const MAX_EMAIL: usize = 320;
+const MAX_LIST: usize = 500;
+const MAX_ATTRIBUTE_VALUE: usize = 2048;
 
 fn check_len(field: &str, value: &Option<String>, max: usize) -> Result<(), DecodeError> {
     match value {
