@@ -147,6 +147,14 @@ fn login_value(id: &str, subject: usize, variant: usize, now: &str) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// The `q` quantile of ascending `sorted` values (0 when empty).
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q) as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
 fn time_at(offset_ms: i64) -> String {
     (chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
         .map(|t| t.with_timezone(&chrono::Utc))
@@ -640,6 +648,18 @@ impl Bench {
         Ok(())
     }
 
+    /// A reader of `topic` from its start, fetching with a short wait (latency scenarios).
+    fn latency_reader(&self, group: &str, topic: &str) -> anyhow::Result<StreamConsumer> {
+        let reader: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        reader.subscribe(&[topic])?;
+        Ok(reader)
+    }
+
     /// The broker's own share of the latency: the same pacing, producer and reader through
     /// one topic with nothing in between. Returns (p50, p99) in ms.
     async fn broker_floor(&self, n: usize) -> anyhow::Result<(f64, f64)> {
@@ -657,13 +677,7 @@ impl Bench {
                 &AdminOptions::new(),
             )
             .await?;
-        let reader: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("bench-floor-{topic}"))
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
-            .create()?;
-        reader.subscribe(&[&topic])?;
+        let reader = self.latency_reader(&format!("bench-floor-{topic}"), &topic)?;
         tokio::time::sleep(Duration::from_secs(4)).await;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
@@ -699,12 +713,7 @@ impl Bench {
         }
         sender.await?;
         latencies.sort_by(|a, b| a.total_cmp(b));
-        let pct = |q: f64| {
-            latencies
-                .get(((latencies.len() as f64 - 1.0) * q) as usize)
-                .copied()
-                .unwrap_or(0.0)
-        };
+        let pct = |q: f64| percentile(&latencies, q);
         Ok((pct(0.5), pct(0.99)))
     }
 
@@ -719,13 +728,10 @@ impl Bench {
         self.create_topics(&config).await?;
         let mut child = self.spawn_worker(&config)?;
         let pid = child.id();
-        let reader: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("bench-reader-{suffix}"))
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
-            .create()?;
-        reader.subscribe(&[&config.topics.user_events])?;
+        let reader = self.latency_reader(
+            &format!("bench-reader-{suffix}"),
+            &config.topics.user_events,
+        )?;
         // Let the worker and the reader join their groups before the clock starts.
         tokio::time::sleep(Duration::from_secs(6)).await;
         let producer: FutureProducer = ClientConfig::new()
@@ -781,12 +787,7 @@ impl Bench {
             .status();
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         latencies.sort_by(|a, b| a.total_cmp(b));
-        let pct = |q: f64| {
-            latencies
-                .get(((latencies.len() as f64 - 1.0) * q) as usize)
-                .copied()
-                .unwrap_or(0.0)
-        };
+        let pct = |q: f64| percentile(&latencies, q);
         Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": floor_p50, "broker_floor_p99_ms": floor_p99}) }.print();
         db.drop().await;
         Ok(())
