@@ -140,10 +140,16 @@ async fn message_the_database_rejects_rolls_back_alone() {
     }
     h.start().await;
     h.wait_handled(5).await;
-    let isolated = h.worker().metrics.isolated_batches.get();
     let out = h.outputs(9).await;
+    // The worker counts the isolated run just after its commit, which the test can see
+    // first: wait for the count instead of reading it once.
+    let metrics = h.worker().metrics.clone();
+    wait_for("the isolated batch is counted", || {
+        let metrics = metrics.clone();
+        async move { metrics.isolated_batches.get() >= 1 }
+    })
+    .await;
     h.stop().await;
-    assert!(isolated >= 1, "the batch was re-run in isolation");
     assert_eq!(h.db.count("SELECT count(*) FROM users").await, 4);
     let letters: Vec<&Output> = out.iter().filter(|o| o.topic.ends_with(".dlq")).collect();
     assert_eq!(letters.len(), 1);
