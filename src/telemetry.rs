@@ -50,6 +50,7 @@ pub struct Metrics {
     pub relay_errors: IntCounter,
     pub relay_leader: IntGauge,
     pub relay_publish_seconds: Histogram,
+    pub outbox_publish_delay_seconds: Histogram,
     pub partitions_assigned: IntGaugeVec,
 }
 
@@ -117,6 +118,17 @@ impl Metrics {
             ]),
         )
         .unwrap_or_else(|e| panic!("metric relay_publish_seconds: {e}"));
+        let outbox_publish_delay_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "outbox_publish_delay_seconds",
+                "Time from the start of the transaction that wrote a result to its broker ack",
+            )
+            .buckets(vec![
+                0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("metric outbox_publish_delay_seconds: {e}"));
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
             registry
@@ -164,6 +176,7 @@ impl Metrics {
             Box::new(batch_seconds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(batch_size.clone()),
             Box::new(relay_publish_seconds.clone()),
+            Box::new(outbox_publish_delay_seconds.clone()),
             Box::new(partitions_assigned.clone()),
         ] {
             registry
@@ -186,6 +199,7 @@ impl Metrics {
             relay_errors,
             relay_leader,
             relay_publish_seconds,
+            outbox_publish_delay_seconds,
             partitions_assigned,
         }
     }

@@ -280,19 +280,19 @@ impl Bench {
     }
 
     /// Runs the worker over what the topic holds until `processed` messages are handled
-    /// and the outbox is drained; returns (seconds from first fetch, peak RSS bytes).
+    /// and the outbox is drained.
     async fn run_pipeline(
         &self,
         config: &Config,
         db: &Db,
         processed: u64,
-    ) -> anyhow::Result<(f64, u64)> {
+    ) -> anyhow::Result<PipelineRun> {
         let mut child = self.spawn_worker(config)?;
         let pid = child.id();
         let addr = config.http.listen;
         let deadline = Instant::now() + Duration::from_secs(1800);
         let mut t0: Option<Instant> = None;
-        let done;
+        let (done, last_metrics);
         loop {
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -311,12 +311,9 @@ impl Bench {
                     t0 = Some(Instant::now());
                 }
                 if handled as u64 >= processed
-                    && db
-                        .count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                        .await
-                        == 0
+                    && db.count("SELECT count(*) FROM outbox").await == 0
                 {
-                    done = Instant::now();
+                    (done, last_metrics) = (Instant::now(), m);
                     break;
                 }
             }
@@ -327,8 +324,15 @@ impl Bench {
             .args(["-TERM", &pid.to_string()])
             .status();
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        let secs = done.duration_since(t0.unwrap_or(done)).as_secs_f64();
-        Ok((secs, rss))
+        // The last scrape may predate the last acks by one poll: close enough for quantiles.
+        let delay =
+            |q| histogram_quantile(&last_metrics, "authsync_outbox_publish_delay_seconds", q);
+        Ok(PipelineRun {
+            secs: done.duration_since(t0.unwrap_or(done)).as_secs_f64(),
+            rss,
+            p50_ms: delay(0.5) * 1000.0,
+            p99_ms: delay(0.99) * 1000.0,
+        })
     }
 
     fn ctx(config: &Config) -> anyhow::Result<StepContext> {
@@ -423,17 +427,58 @@ fn peak_rss(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn percentiles(db: &Db, event_type: &str) -> (f64, f64) {
-    sqlx::query_as::<_, (Option<f64>, Option<f64>)>(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
-         FROM (SELECT extract(epoch FROM published_at - created_at) * 1000 AS ms FROM outbox
-               WHERE event_type = $1 AND published_at IS NOT NULL) x",
-    )
-    .bind(event_type)
-    .fetch_one(&db.pool)
-    .await
-    .map(|(a, b)| (a.unwrap_or(0.0), b.unwrap_or(0.0)))
-    .unwrap_or((0.0, 0.0))
+/// What one pipeline run measured.
+struct PipelineRun {
+    /// From the first fetched message to the last result published.
+    secs: f64,
+    /// Peak RSS of the worker process, bytes.
+    rss: u64,
+    /// Outbox write (transaction start) to broker ack, from the worker's own histogram.
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// The `q` quantile of a Prometheus histogram in `text`, interpolated within its bucket
+/// (as PromQL's `histogram_quantile` does); 0 when it has no observations.
+fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let Some(&(_, total)) = buckets.last() else {
+        return 0.0;
+    };
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower;
+            }
+            let share = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                1.0
+            };
+            return lower + (le - lower) * share;
+        }
+        (lower, below) = (le, count);
+    }
+    lower
 }
 
 /// One scenario's result line.
@@ -501,17 +546,16 @@ impl Bench {
         sqlx::raw_sql("TRUNCATE outbox").execute(&db.pool).await?;
         self.produce(&config.topics.login, &returning).await?;
         progress("returning: pipeline (returning logins)");
-        let (secs, rss) = self.run_pipeline(&config, &db, n as u64).await?;
-        let (p50, p99) = percentiles(&db, "user.synced").await;
+        let run = self.run_pipeline(&config, &db, n as u64).await?;
         Report {
             scenario: "returning",
             events: n,
-            secs,
+            secs: run.secs,
             ceiling_secs: Some(ceiling),
-            p50,
-            p99,
-            rss,
-            extra: serde_json::json!({"users": users, "latency": "tx start -> published"}),
+            p50: run.p50_ms,
+            p99: run.p99_ms,
+            rss: run.rss,
+            extra: serde_json::json!({"users": users, "latency": "tx start -> broker ack"}),
         }
         .print();
         db.drop().await;
@@ -531,17 +575,16 @@ impl Bench {
         self.create_topics(&config).await?;
         self.produce(&config.topics.login, &signups).await?;
         progress("signup: pipeline");
-        let (secs, rss) = self.run_pipeline(&config, &db, n as u64).await?;
-        let (p50, p99) = percentiles(&db, "user.signed_up").await;
+        let run = self.run_pipeline(&config, &db, n as u64).await?;
         Report {
             scenario: "signup",
             events: n,
-            secs,
+            secs: run.secs,
             ceiling_secs: Some(ceiling),
-            p50,
-            p99,
-            rss,
-            extra: serde_json::json!({"latency": "tx start -> published"}),
+            p50: run.p50_ms,
+            p99: run.p99_ms,
+            rss: run.rss,
+            extra: serde_json::json!({"latency": "tx start -> broker ack"}),
         }
         .print();
         db.drop().await;
@@ -567,15 +610,15 @@ impl Bench {
         // Re-deliver everything: the same events again (what a rewind re-reads).
         progress("replay: re-delivering");
         self.produce(&config.topics.login, &events).await?;
-        let (secs, rss) = self.run_pipeline(&config, &db, n as u64).await?;
+        let run = self.run_pipeline(&config, &db, n as u64).await?;
         Report {
             scenario: "replay",
             events: n,
-            secs,
+            secs: run.secs,
             ceiling_secs: Some(ceiling),
             p50: 0.0,
             p99: 0.0,
-            rss,
+            rss: run.rss,
             extra: serde_json::json!({}),
         }
         .print();
@@ -632,15 +675,15 @@ impl Bench {
         }
         // A worker with nothing to consume: only its relay works.
         progress("relay: publishing");
-        let (secs, rss) = self.run_pipeline(&config, &db, 0).await?;
+        let run = self.run_pipeline(&config, &db, 0).await?;
         Report {
             scenario: "relay",
             events: n,
-            secs,
+            secs: run.secs,
             ceiling_secs: Some(ceiling),
             p50: 0.0,
             p99: 0.0,
-            rss,
+            rss: run.rss,
             extra: serde_json::json!({"ceiling": "same producer, no database"}),
         }
         .print();

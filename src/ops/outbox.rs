@@ -17,17 +17,14 @@ pub struct Leader {
 #[derive(Debug)]
 pub struct OutboxStatus {
     pub backlog: outbox::Backlog,
-    pub published_retained: i64,
+    /// Ids of emitted events remembered so a replay does not announce them again.
+    pub emitted_remembered: i64,
     pub leader: Option<Leader>,
 }
 
 pub async fn status(pool: &PgPool) -> Result<OutboxStatus, sqlx::Error> {
     let backlog = outbox::backlog(pool).await?;
-    let published_retained = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NOT NULL"#
-    )
-    .fetch_one(pool)
-    .await?;
+    let emitted_remembered = outbox::remembered(pool).await?;
     // A bigint advisory key shows in pg_locks as classid (high 32 bits) / objid (low).
     let leader = sqlx::query!(
         r#"SELECT a.pid AS "pid!", a.application_name AS "application_name!",
@@ -49,7 +46,7 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus, sqlx::Error> {
     });
     Ok(OutboxStatus {
         backlog,
-        published_retained,
+        emitted_remembered,
         leader,
     })
 }
@@ -74,7 +71,7 @@ pub fn render(s: &OutboxStatus) -> String {
         None => "NONE — no relay holds the leader lock; results are not being published".into(),
     };
     format!(
-        "outbox backlog:       {} unpublished\noldest unpublished:   {age}\npublished (retained): {}\nrelay leader:         {leader}\n",
-        s.backlog.unpublished, s.published_retained
+        "outbox backlog:       {} unpublished\noldest unpublished:   {age}\nemitted ids kept:     {} (de-duplication)\nrelay leader:         {leader}\n",
+        s.backlog.unpublished, s.emitted_remembered
     )
 }

@@ -3,7 +3,8 @@
 //! One relay is active at a time (a session advisory lock on a dedicated connection);
 //! standbys poll for the lock. The leader reads rows whose transactions, and every older
 //! transaction, have finished (see `store::outbox::fetch_publishable`), sends them with
-//! the idempotent producer, and marks them published only after their delivery reports.
+//! the idempotent producer, and deletes them only after their delivery reports (their ids
+//! stay in `outbox_emitted` for the retention, so a replay does not announce them again).
 //! It wakes on `NOTIFY authsync_outbox`, and polls as a fallback.
 
 use std::sync::Arc;
@@ -168,8 +169,8 @@ async fn update_backlog(pool: &PgPool, metrics: &Metrics) {
 async fn cleanup(config: &Config, pool: &PgPool) {
     let outbox_hours = i32::try_from(config.relay.outbox_retention_hours).unwrap_or(i32::MAX);
     let inbox_hours = i32::try_from(config.relay.inbox_retention_hours).unwrap_or(i32::MAX);
-    match outbox::delete_published_older_than(pool, outbox_hours, 10_000).await {
-        Ok(n) if n > 0 => tracing::info!(rows = n, "deleted published outbox rows"),
+    match outbox::forget_emitted_older_than(pool, outbox_hours, 10_000).await {
+        Ok(n) if n > 0 => tracing::info!(rows = n, "forgot expired emitted event ids"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "outbox clean-up failed"),
     }
@@ -209,33 +210,40 @@ pub async fn publish_batch(
         }
         // Enqueue without waiting; the delivery futures are awaited together below.
         match producer.send_result(record) {
-            Ok(delivery) => deliveries.push((row.id, row.topic.as_str(), Some(delivery))),
+            Ok(delivery) => deliveries.push((row, Some(delivery))),
             Err((e, _)) => {
                 tracing::warn!(error = %e, "producer queue rejected a message");
-                deliveries.push((row.id, row.topic.as_str(), None));
+                deliveries.push((row, None));
             }
         }
     }
-    let outcomes = join_all(deliveries.into_iter().map(|(id, topic, d)| async move {
+    let outcomes = join_all(deliveries.into_iter().map(|(row, d)| async move {
         let ok = match d {
             Some(d) => matches!(d.await, Ok(Ok(_))),
             None => false,
         };
-        (id, topic, ok)
+        (row, ok, chrono::Utc::now())
     }))
     .await;
     let mut published = Vec::with_capacity(outcomes.len());
     let mut failed = 0usize;
-    for (id, topic, ok) in outcomes {
+    for (row, ok, acked_at) in outcomes {
         if ok {
-            published.push(id);
-            metrics.relay_published.with_label_values(&[topic]).inc();
+            published.push(row.id);
+            metrics
+                .relay_published
+                .with_label_values(&[&row.topic])
+                .inc();
+            let delay = (acked_at - row.created_at).num_microseconds().unwrap_or(0);
+            metrics
+                .outbox_publish_delay_seconds
+                .observe(delay.max(0) as f64 / 1e6);
         } else {
             failed += 1;
         }
     }
     if !published.is_empty() {
-        outbox::mark_published(pool, &published).await?;
+        outbox::delete_published(pool, &published).await?;
     }
     metrics
         .relay_publish_seconds

@@ -1,4 +1,6 @@
-//! The transactional outbox: rows written in the step's transaction, read by the relay.
+//! The transactional outbox: rows written in the step's transaction, read by the relay,
+//! deleted once the broker acknowledged them. The ids of emitted events are remembered
+//! (`outbox_emitted`) for the retention, so a replay that emits one again adds nothing.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
@@ -52,8 +54,14 @@ pub fn decode_headers(value: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// Inserts messages in order (their `id`s follow it); returns how many were new.
+/// Inserts messages in order (their `id`s follow it), skipping any whose event id was
+/// emitted before (within the retention) or repeats in `messages`; returns how many were new.
 pub async fn insert(conn: &mut PgConnection, messages: &[NewMessage]) -> Result<u64, sqlx::Error> {
+    let mut seen = std::collections::HashSet::with_capacity(messages.len());
+    let messages: Vec<&NewMessage> = messages
+        .iter()
+        .filter(|m| seen.insert(m.event_id))
+        .collect();
     if messages.is_empty() {
         return Ok(0);
     }
@@ -66,14 +74,23 @@ pub async fn insert(conn: &mut PgConnection, messages: &[NewMessage]) -> Result<
         .iter()
         .map(|m| encode_headers(&m.headers))
         .collect();
+    // A concurrent transaction emitting the same id makes this wait for it (the ledger's
+    // primary key), so two transactions never both publish one event.
     let result = sqlx::query!(
         r#"
+        WITH m AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::bytea[],
+                                 $6::jsonb[])
+                WITH ORDINALITY AS m(event_id, topic, message_key, event_type, payload, headers, n)
+        ), fresh AS (
+            INSERT INTO outbox_emitted (event_id, event_type) SELECT event_id, event_type FROM m
+            ON CONFLICT (event_id) DO NOTHING
+            RETURNING event_id
+        )
         INSERT INTO outbox (event_id, topic, message_key, event_type, payload, headers)
-        SELECT event_id, topic, message_key, event_type, payload, headers
-        FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::jsonb[])
-            WITH ORDINALITY AS m(event_id, topic, message_key, event_type, payload, headers, n)
-        ORDER BY n
-        ON CONFLICT (event_id) DO NOTHING
+        SELECT m.event_id, m.topic, m.message_key, m.event_type, m.payload, m.headers
+        FROM m JOIN fresh ON fresh.event_id = m.event_id
+        ORDER BY m.n
         "#,
         &ids,
         &topics as &[&str],
@@ -95,6 +112,8 @@ pub struct Pending {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: serde_json::Value,
+    /// When the transaction that wrote it started.
+    pub created_at: DateTime<Utc>,
 }
 
 /// The oldest unpublished rows whose transactions, and every older transaction, have
@@ -104,10 +123,9 @@ pub async fn fetch_publishable(pool: &PgPool, limit: i64) -> Result<Vec<Pending>
     sqlx::query_as!(
         Pending,
         r#"
-        SELECT id, topic, message_key AS key, payload, headers
+        SELECT id, topic, message_key AS key, payload, headers, created_at
         FROM outbox
-        WHERE published_at IS NULL
-          AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::int8
+        WHERE txid < pg_snapshot_xmin(pg_current_snapshot())::text::int8
         ORDER BY id
         LIMIT $1
         "#,
@@ -117,27 +135,26 @@ pub async fn fetch_publishable(pool: &PgPool, limit: i64) -> Result<Vec<Pending>
     .await
 }
 
-pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
-        ids
-    )
-    .execute(pool)
-    .await
-    .map(|_| ())
+/// Deletes rows the broker has acknowledged.
+pub async fn delete_published(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", ids)
+        .execute(pool)
+        .await
+        .map(|_| ())
 }
 
-/// Deletes published rows older than the retention; returns how many.
-pub async fn delete_published_older_than(
+/// Forgets emitted ids older than the retention, but never one that may still be waiting
+/// in the outbox (a relay down longer than the retention); returns how many.
+pub async fn forget_emitted_older_than(
     pool: &PgPool,
     hours: i32,
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     sqlx::query!(
-        r#"DELETE FROM outbox WHERE id = ANY(ARRAY(
-               SELECT id FROM outbox
-               WHERE published_at IS NOT NULL
-                 AND published_at < now() - make_interval(hours => $1)
+        r#"DELETE FROM outbox_emitted WHERE ctid = ANY(ARRAY(
+               SELECT ctid FROM outbox_emitted
+               WHERE emitted_at < now() - make_interval(hours => $1)
+                 AND emitted_at < COALESCE((SELECT min(created_at) FROM outbox), 'infinity')
                LIMIT $2))"#,
         hours,
         limit
@@ -145,6 +162,13 @@ pub async fn delete_published_older_than(
     .execute(pool)
     .await
     .map(|r| r.rows_affected())
+}
+
+/// How many emitted ids are remembered for de-duplication.
+pub async fn remembered(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM outbox_emitted"#)
+        .fetch_one(pool)
+        .await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -156,7 +180,7 @@ pub struct Backlog {
 pub async fn backlog(pool: &PgPool) -> Result<Backlog, sqlx::Error> {
     let row = sqlx::query!(
         r#"SELECT count(*) AS "unpublished!", min(created_at) AS oldest
-           FROM outbox WHERE published_at IS NULL"#
+           FROM outbox"#
     )
     .fetch_one(pool)
     .await?;

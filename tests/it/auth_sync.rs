@@ -261,7 +261,7 @@ async fn redelivery_and_replay_change_nothing_and_emit_nothing_new() {
         let pool = db.pool.clone();
         async move {
             sqlx::query_as::<_, (i64, i64, i64, i64)>(
-                "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM outbox),
+                "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM outbox_emitted),
                         (SELECT coalesce(sum(version), 0)::int8 FROM users),
                         (SELECT count(*) FROM users WHERE email = 'changed@x.test')",
             )
@@ -348,12 +348,12 @@ async fn concurrent_first_logins_of_one_identity_make_one_user_and_one_signup() 
     assert_eq!(db.count("SELECT count(*) FROM users").await, 1);
     assert_eq!(db.count("SELECT count(*) FROM organizations").await, 1);
     assert_eq!(
-        db.count("SELECT count(*) FROM outbox WHERE event_type = 'user.signed_up'")
+        db.count("SELECT count(*) FROM outbox_emitted WHERE event_type = 'user.signed_up'")
             .await,
         1
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM outbox WHERE event_type = 'user.synced'")
+        db.count("SELECT count(*) FROM outbox_emitted WHERE event_type = 'user.synced'")
             .await,
         8
     );
@@ -380,7 +380,7 @@ async fn concurrent_first_logins_through_kafka_on_different_partitions() {
     h.stop().await;
     assert_eq!(h.db.count("SELECT count(*) FROM users").await, 1);
     assert_eq!(
-        h.db.count("SELECT count(*) FROM outbox WHERE event_type = 'user.signed_up'")
+        h.db.count("SELECT count(*) FROM outbox_emitted WHERE event_type = 'user.signed_up'")
             .await,
         1
     );

@@ -43,7 +43,7 @@ async fn replay_after_a_simulated_bug_rederives_state_and_announces_nothing_twic
     h.wait_handled(10).await;
     h.wait_published().await;
     h.stop().await;
-    let outbox_before = h.db.count("SELECT count(*) FROM outbox").await;
+    let outbox_before = h.db.count("SELECT count(*) FROM outbox_emitted").await;
     assert_eq!(outbox_before, 15, "10 synced + 5 signed_up");
 
     // The "bug": derived state went wrong.
@@ -77,7 +77,7 @@ async fn replay_after_a_simulated_bug_rederives_state_and_announces_nothing_twic
         "state re-derived from the events"
     );
     assert_eq!(
-        h.db.count("SELECT count(*) FROM outbox").await,
+        h.db.count("SELECT count(*) FROM outbox_emitted").await,
         outbox_before,
         "no new result ids"
     );
@@ -193,7 +193,7 @@ async fn redrive_after_the_fix_applies_each_letter_once() {
     h.wait_published().await;
     h.stop().await;
     assert_eq!(
-        h.db.count("SELECT count(*) FROM outbox WHERE event_type = 'user.synced'")
+        h.db.count("SELECT count(*) FROM outbox_emitted WHERE event_type = 'user.synced'")
             .await,
         1
     );
@@ -246,7 +246,7 @@ async fn outbox_status_shows_backlog_and_the_relay_leader() {
     shutdown.cancel();
     task.await.expect("join").expect("relay");
     assert_eq!(after.backlog.unpublished, 0);
-    assert_eq!(after.published_retained, 1);
+    assert_eq!(after.emitted_remembered, 1);
     let leader = after.leader.expect("a leader");
     assert_eq!(leader.application_name, "authsync");
 }

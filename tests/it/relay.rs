@@ -1,4 +1,4 @@
-//! The outbox relay: commit order per key, late commits never skipped, marks only after
+//! The outbox relay: commit order per key, late commits never skipped, deletes only after
 //! delivery, survives a broker outage without losing or duplicating rows.
 
 use std::time::Duration;
@@ -57,17 +57,14 @@ async fn late_commit_is_published_in_order_and_rollback_never() {
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
-        h.db.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
-            .await,
-        0,
+        h.db.count("SELECT count(*) FROM outbox").await,
+        2,
         "nothing newer than an open transaction is published"
     );
     doomed_tx.rollback().await.expect("rollback");
     slow_tx.commit().await.expect("commit");
     wait_for("3 rows published", || async {
-        h.db.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
-            .await
-            == 3
+        h.db.count("SELECT count(*) FROM outbox").await == 0
     })
     .await;
     shutdown.cancel();
@@ -109,7 +106,13 @@ async fn late_commit_is_published_in_order_and_rollback_never() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_waits_out_a_broker_outage_and_loses_nothing() {
-    let mut h = Harness::with(|c| c.relay.batch_size = 50).await;
+    let mut h = Harness::with(|c| {
+        c.relay.batch_size = 50;
+        // Retention runs all the time, yet never forgets an id whose row still waits.
+        c.relay.outbox_retention_hours = 0;
+        c.relay.cleanup_interval_secs = 1;
+    })
+    .await;
     let topic = h.config.topics.user_events.clone();
     h.cluster
         .as_ref()
@@ -130,16 +133,18 @@ async fn relay_waits_out_a_broker_outage_and_loses_nothing() {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        h.db.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
-            .await,
-        0,
-        "nothing is marked while the broker is down"
+        h.db.count("SELECT count(*) FROM outbox").await,
+        200,
+        "nothing is deleted while the broker is down"
+    );
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox_emitted").await,
+        200,
+        "ids of waiting rows are remembered past the retention"
     );
     h.cluster.as_ref().expect("mock").broker_up(1).expect("up");
     wait_for("all published", || async {
-        h.db.count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-            .await
-            == 0
+        h.db.count("SELECT count(*) FROM outbox").await == 0
     })
     .await;
     shutdown.cancel();
@@ -165,7 +170,7 @@ async fn relay_waits_out_a_broker_outage_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_one_relay_leads_and_retention_deletes_published_rows() {
+async fn only_one_relay_leads_and_retention_forgets_emitted_ids() {
     let h = Harness::with(|c| {
         c.relay.outbox_retention_hours = 0;
         c.relay.cleanup_interval_secs = 1;
@@ -195,9 +200,13 @@ async fn only_one_relay_leads_and_retention_deletes_published_rows() {
         .await
         .expect("insert");
     drop(conn);
-    wait_for("published rows deleted by retention", || async {
-        h.db.count("SELECT count(*) FROM outbox").await == 0
-    })
+    wait_for(
+        "rows published and their ids forgotten by retention",
+        || async {
+            h.db.count("SELECT count(*) FROM outbox").await == 0
+                && h.db.count("SELECT count(*) FROM outbox_emitted").await == 0
+        },
+    )
     .await;
     assert_eq!(
         m1.relay_leader.get() + m2.relay_leader.get(),

@@ -97,7 +97,7 @@ async fn shutdown_drains_commits_and_restart_continues_exactly_once() {
         total
     );
     assert_eq!(
-        h.db.count("SELECT count(*) FROM outbox WHERE event_type = 'user.synced'")
+        h.db.count("SELECT count(*) FROM outbox_emitted WHERE event_type = 'user.synced'")
             .await,
         total
     );
@@ -154,7 +154,7 @@ async fn transient_database_failures_are_retried_without_loss() {
     h.stop().await;
     assert!(retries > 0, "the outage caused retries");
     assert_eq!(h.db.count("SELECT count(*) FROM users").await, 31);
-    assert_eq!(h.db.count("SELECT count(*) FROM outbox").await, 62);
+    assert_eq!(h.db.count("SELECT count(*) FROM outbox_emitted").await, 62);
 }
 
 fn tiny_queues(c: &mut authsync::config::Config) {
