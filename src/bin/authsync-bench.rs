@@ -97,6 +97,11 @@ impl Db {
 
     async fn drop(self) {
         self.pool.close().await;
+        // For looking at plans and sizes afterwards.
+        if std::env::var_os("AUTHSYNC_BENCH_KEEP_DATABASES").is_some() {
+            progress(&format!("kept database {}", self.name));
+            return;
+        }
         if let Ok(admin) = PgPoolOptions::new()
             .max_connections(1)
             .connect(&self.admin)
@@ -109,6 +114,13 @@ impl Db {
             .execute(&admin)
             .await;
         }
+    }
+
+    /// Table statistics as autovacuum keeps them in a running system (a minute-old bench
+    /// database has none, and plans on empty-table estimates are not what production runs).
+    async fn analyze(&self) -> anyhow::Result<()> {
+        sqlx::raw_sql("ANALYZE").execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -310,8 +322,7 @@ impl Bench {
                 if t0.is_none() && consumed > 0.0 {
                     t0 = Some(Instant::now());
                 }
-                if handled as u64 >= processed
-                    && db.count("SELECT count(*) FROM outbox").await == 0
+                if handled as u64 >= processed && db.count("SELECT count(*) FROM outbox").await == 0
                 {
                     (done, last_metrics) = (Instant::now(), m);
                     break;
@@ -327,11 +338,15 @@ impl Bench {
         // The last scrape may predate the last acks by one poll: close enough for quantiles.
         let delay =
             |q| histogram_quantile(&last_metrics, "authsync_outbox_publish_delay_seconds", q);
+        let batches = sum_metric(&last_metrics, "authsync_batch_size_count").max(1.0);
         Ok(PipelineRun {
             secs: done.duration_since(t0.unwrap_or(done)).as_secs_f64(),
             rss,
             p50_ms: delay(0.5) * 1000.0,
             p99_ms: delay(0.99) * 1000.0,
+            batch_avg_size: sum_metric(&last_metrics, "authsync_batch_size_sum") / batches,
+            batch_avg_ms: sum_metric(&last_metrics, "authsync_batch_duration_seconds_sum") * 1000.0
+                / batches,
         })
     }
 
@@ -427,6 +442,14 @@ fn peak_rss(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `a` with `b`'s fields added.
+fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object()) {
+        a.extend(b.clone());
+    }
+    a
+}
+
 /// What one pipeline run measured.
 struct PipelineRun {
     /// From the first fetched message to the last result published.
@@ -436,6 +459,18 @@ struct PipelineRun {
     /// Outbox write (transaction start) to broker ack, from the worker's own histogram.
     p50_ms: f64,
     p99_ms: f64,
+    /// Where a batch's time goes: its size and its transaction time (retries included).
+    batch_avg_size: f64,
+    batch_avg_ms: f64,
+}
+
+impl PipelineRun {
+    fn batches(&self) -> serde_json::Value {
+        serde_json::json!({
+            "batch_avg_size": self.batch_avg_size.round(),
+            "batch_avg_ms": (self.batch_avg_ms * 10.0).round() / 10.0,
+        })
+    }
 }
 
 /// The `q` quantile of a Prometheus histogram in `text`, interpolated within its bucket
@@ -530,6 +565,7 @@ impl Bench {
         let config = self.config(&cdb, &suffix, 0);
         progress("returning: ceiling (sign-ups)");
         self.ceiling(&cdb.pool, &config, &signups).await?;
+        cdb.analyze().await?;
         progress("returning: ceiling (returning logins)");
         let ceiling = self.ceiling(&cdb.pool, &config, &returning).await?;
         cdb.drop().await;
@@ -542,6 +578,7 @@ impl Bench {
         self.produce(&config.topics.login, &signups).await?;
         progress("returning: pipeline (sign-ups)");
         self.run_pipeline(&config, &db, users as u64).await?;
+        db.analyze().await?;
         progress("returning: producing returning logins");
         sqlx::raw_sql("TRUNCATE outbox").execute(&db.pool).await?;
         self.produce(&config.topics.login, &returning).await?;
@@ -555,7 +592,10 @@ impl Bench {
             p50: run.p50_ms,
             p99: run.p99_ms,
             rss: run.rss,
-            extra: serde_json::json!({"users": users, "latency": "tx start -> broker ack"}),
+            extra: merge(
+                serde_json::json!({"users": users, "latency": "tx start -> broker ack"}),
+                run.batches(),
+            ),
         }
         .print();
         db.drop().await;
@@ -584,7 +624,10 @@ impl Bench {
             p50: run.p50_ms,
             p99: run.p99_ms,
             rss: run.rss,
-            extra: serde_json::json!({"latency": "tx start -> broker ack"}),
+            extra: merge(
+                serde_json::json!({"latency": "tx start -> broker ack"}),
+                run.batches(),
+            ),
         }
         .print();
         db.drop().await;
@@ -619,7 +662,7 @@ impl Bench {
             p50: 0.0,
             p99: 0.0,
             rss: run.rss,
-            extra: serde_json::json!({}),
+            extra: run.batches(),
         }
         .print();
         db.drop().await;
