@@ -868,13 +868,24 @@ impl Bench {
         }
         sender.await?;
         let rss = peak_rss(pid);
+        // The worker's own view: transaction start -> broker ack, and batch sizes / times.
+        let worker = scrape(config.http.listen).await.unwrap_or_default();
+        let delay =
+            |q| histogram_quantile(&worker, "authsync_outbox_publish_delay_seconds", q) * 1000.0;
+        let batches = sum_metric(&worker, "authsync_batch_size_count").max(1.0);
+        let stages = serde_json::json!({
+            "tx_to_ack_p50_ms": (delay(0.5) * 10.0).round() / 10.0,
+            "tx_to_ack_p99_ms": (delay(0.99) * 10.0).round() / 10.0,
+            "batch_avg_size": (sum_metric(&worker, "authsync_batch_size_sum") / batches * 10.0).round() / 10.0,
+            "batch_avg_ms": (sum_metric(&worker, "authsync_batch_duration_seconds_sum") * 1000.0 / batches * 10.0).round() / 10.0,
+        });
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         latencies.sort_by(|a, b| a.total_cmp(b));
         let pct = |q: f64| percentile(&latencies, q);
-        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": floor_p50, "broker_floor_p99_ms": floor_p99}) }.print();
+        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: merge(serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": floor_p50, "broker_floor_p99_ms": floor_p99}), stages) }.print();
         db.drop().await;
         Ok(())
     }
