@@ -83,6 +83,9 @@ pub struct ReplayOutcome {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Live-worker checks before refusing (about 2 s in all).
+const LIVE_CHECKS: u32 = 10;
+const LIVE_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 fn consumer(config: &Config, group: &str) -> anyhow::Result<BaseConsumer> {
     client_config(&config.kafka)
@@ -102,8 +105,17 @@ pub async fn run(
     request: &ReplayRequest,
 ) -> anyhow::Result<ReplayOutcome> {
     // Workers of the group hold database connections named after it: a check that does
-    // not depend on what the broker reports about the group.
-    let (live, hosts) = crate::store::live_workers(pool, &request.group).await?;
+    // not depend on what the broker reports about the group. The backends of workers that
+    // were just stopped take a moment to exit: they get a short grace period.
+    let mut checks = 0;
+    let (live, hosts) = loop {
+        let (live, hosts) = crate::store::live_workers(pool, &request.group).await?;
+        checks += 1;
+        if live == 0 || checks >= LIVE_CHECKS {
+            break (live, hosts);
+        }
+        tokio::time::sleep(LIVE_CHECK_INTERVAL).await;
+    };
     if live > 0 {
         bail!(
             "consumer group `{}` has live workers ({live} database connection(s) from {hosts}). \
