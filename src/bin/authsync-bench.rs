@@ -336,17 +336,14 @@ impl Bench {
             .status();
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         // The last scrape may predate the last acks by one poll: close enough for quantiles.
-        let delay =
-            |q| histogram_quantile(&last_metrics, "authsync_outbox_publish_delay_seconds", q);
-        let batches = sum_metric(&last_metrics, "authsync_batch_size_count").max(1.0);
+        let w = WorkerStats::of(&last_metrics);
         Ok(PipelineRun {
             secs: done.duration_since(t0.unwrap_or(done)).as_secs_f64(),
             rss,
-            p50_ms: delay(0.5) * 1000.0,
-            p99_ms: delay(0.99) * 1000.0,
-            batch_avg_size: sum_metric(&last_metrics, "authsync_batch_size_sum") / batches,
-            batch_avg_ms: sum_metric(&last_metrics, "authsync_batch_duration_seconds_sum") * 1000.0
-                / batches,
+            p50_ms: w.delay_p50_ms,
+            p99_ms: w.delay_p99_ms,
+            batch_avg_size: w.batch_avg_size,
+            batch_avg_ms: w.batch_avg_ms,
         })
     }
 
@@ -448,6 +445,29 @@ fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
         a.extend(b.clone());
     }
     a
+}
+
+/// What the worker's own metrics say: publish delay quantiles and average batches.
+struct WorkerStats {
+    delay_p50_ms: f64,
+    delay_p99_ms: f64,
+    batch_avg_size: f64,
+    batch_avg_ms: f64,
+}
+
+impl WorkerStats {
+    fn of(metrics: &str) -> Self {
+        let delay =
+            |q| histogram_quantile(metrics, "authsync_outbox_publish_delay_seconds", q) * 1000.0;
+        let batches = sum_metric(metrics, "authsync_batch_size_count").max(1.0);
+        Self {
+            delay_p50_ms: delay(0.5),
+            delay_p99_ms: delay(0.99),
+            batch_avg_size: sum_metric(metrics, "authsync_batch_size_sum") / batches,
+            batch_avg_ms: sum_metric(metrics, "authsync_batch_duration_seconds_sum") * 1000.0
+                / batches,
+        }
+    }
 }
 
 /// What one pipeline run measured.
@@ -870,14 +890,13 @@ impl Bench {
         let rss = peak_rss(pid);
         // The worker's own view: transaction start -> broker ack, and batch sizes / times.
         let worker = scrape(config.http.listen).await.unwrap_or_default();
-        let delay =
-            |q| histogram_quantile(&worker, "authsync_outbox_publish_delay_seconds", q) * 1000.0;
-        let batches = sum_metric(&worker, "authsync_batch_size_count").max(1.0);
+        let w = WorkerStats::of(&worker);
+        let tenth = |v: f64| (v * 10.0).round() / 10.0;
         let stages = serde_json::json!({
-            "tx_to_ack_p50_ms": (delay(0.5) * 10.0).round() / 10.0,
-            "tx_to_ack_p99_ms": (delay(0.99) * 10.0).round() / 10.0,
-            "batch_avg_size": (sum_metric(&worker, "authsync_batch_size_sum") / batches * 10.0).round() / 10.0,
-            "batch_avg_ms": (sum_metric(&worker, "authsync_batch_duration_seconds_sum") * 1000.0 / batches * 10.0).round() / 10.0,
+            "tx_to_ack_p50_ms": tenth(w.delay_p50_ms),
+            "tx_to_ack_p99_ms": tenth(w.delay_p99_ms),
+            "batch_avg_size": tenth(w.batch_avg_size),
+            "batch_avg_ms": tenth(w.batch_avg_ms),
         });
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
