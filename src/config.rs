@@ -310,6 +310,9 @@ pub struct RelayConfig {
     pub enabled: bool,
     /// Most outbox rows published per round.
     pub batch_size: i64,
+    /// Rounds awaiting their delivery reports while the next one is read and sent
+    /// (1 = read, send, wait for every ack, repeat).
+    pub rounds_in_flight: usize,
     /// Polling interval when no NOTIFY arrives (fallback wake-up).
     pub poll_interval_ms: u64,
     /// Published outbox rows are deleted after this long.
@@ -329,6 +332,7 @@ impl Default for RelayConfig {
         Self {
             enabled: true,
             batch_size: 1_000,
+            rounds_in_flight: 4,
             poll_interval_ms: 500,
             outbox_retention_hours: 24,
             inbox_retention_hours: 24 * 7,
@@ -560,6 +564,12 @@ impl Config {
         }
         if !(1..=50_000).contains(&self.relay.batch_size) {
             return Err(invalid("relay.batch_size", "must be between 1 and 50000"));
+        }
+        if !(1..=64).contains(&self.relay.rounds_in_flight) {
+            return Err(invalid(
+                "relay.rounds_in_flight",
+                "must be between 1 and 64",
+            ));
         }
         if self.relay.poll_interval_ms == 0 {
             return Err(invalid("relay.poll_interval_ms", "must be greater than 0"));

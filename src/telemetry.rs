@@ -41,6 +41,7 @@ pub struct Metrics {
     pub duplicates: IntCounterVec,
     pub dead_lettered: IntCounterVec,
     pub batch_seconds: HistogramVec,
+    pub consume_delay_seconds: HistogramVec,
     pub batch_size: Histogram,
     pub batch_retries: IntCounter,
     pub isolated_batches: IntCounter,
@@ -102,6 +103,18 @@ impl Metrics {
             &["topic"],
         )
         .unwrap_or_else(|e| panic!("metric batch_duration_seconds: {e}"));
+        let consume_delay_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "consume_delay_seconds",
+                "Time from a message's Kafka timestamp to the start of the batch that applies it",
+            )
+            .buckets(vec![
+                0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+            ]),
+            &["topic"],
+        )
+        .unwrap_or_else(|e| panic!("metric consume_delay_seconds: {e}"));
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("batch_size", "Messages per micro-batch").buckets(vec![
                 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
@@ -174,6 +187,7 @@ impl Metrics {
         .unwrap_or_else(|e| panic!("metric partitions_assigned: {e}"));
         for c in [
             Box::new(batch_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consume_delay_seconds.clone()),
             Box::new(batch_size.clone()),
             Box::new(relay_publish_seconds.clone()),
             Box::new(outbox_publish_delay_seconds.clone()),
@@ -190,6 +204,7 @@ impl Metrics {
             duplicates,
             dead_lettered,
             batch_seconds,
+            consume_delay_seconds,
             batch_size,
             batch_retries,
             isolated_batches,

@@ -310,6 +310,18 @@ impl Worker {
     async fn apply(&self, batch: &[InputMessage]) -> bool {
         let started = Instant::now();
         let topic = self.key.0.as_str();
+        // Producer clock → now: broker hop, fetch wait, queueing and batch linger together.
+        let now = chrono::Utc::now();
+        let delay = self
+            .metrics
+            .consume_delay_seconds
+            .with_label_values(&[topic]);
+        for m in batch {
+            if let Some(t) = m.timestamp {
+                let ms = (now - t).num_milliseconds().max(0);
+                delay.observe(ms as f64 / 1000.0);
+            }
+        }
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.config.retry_initial_ms))
             .with_max_delay(Duration::from_millis(self.config.retry_max_ms))

@@ -7,10 +7,12 @@
 //! stay in `outbox_emitted` for the retention, so a replay does not announce them again).
 //! It wakes on `NOTIFY authsync_outbox`, and polls as a fallback.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
+use futures::future::{join_all, BoxFuture};
+use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::postgres::PgListener;
@@ -110,6 +112,10 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {
 }
 
 /// The leader's loop. Returns an error when leadership (its lock connection) is lost.
+///
+/// Reads are pipelined: up to `relay.rounds_in_flight` rounds await their delivery reports
+/// while the next rows are read and sent, so a row committed during an ack wait does not
+/// wait for it (see [`outbox::ReadCursor`] for how held rows are skipped).
 async fn lead(
     config: &Config,
     pool: &PgPool,
@@ -125,6 +131,8 @@ async fn lead(
     let mut last_cleanup = Instant::now() - cleanup_every;
     let mut last_check = Instant::now();
     let mut last_backlog = Instant::now() - Duration::from_secs(60);
+    let mut rounds = Rounds::default();
+    let depth = config.relay.rounds_in_flight.max(1);
     while !shutdown.is_cancelled() {
         // Keep the backlog gauges fresh during long publishing bursts too.
         // (Counting the outbox is a scan; every few seconds is enough for a gauge.)
@@ -143,15 +151,27 @@ async fn lead(
             cleanup(config, pool).await;
             last_cleanup = Instant::now();
         }
-        let published = publish_batch(config, pool, producer, metrics).await?;
-        if published > 0 {
+        if rounds.pending.is_empty() && rounds.failed {
+            // Undelivered rows are read again once nothing is in flight; give the broker
+            // a moment first.
+            sleep_or_shutdown(Duration::from_millis(500), shutdown).await;
+            rounds.failed = false;
+        }
+        let room = !rounds.failed && rounds.pending.len() < depth;
+        if room && rounds.start(config, pool, producer).await? {
             continue;
         }
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
-            n = listener.try_recv() => { n?; }
+            Some(round) = rounds.pending.next() => rounds.settle(pool, metrics, round).await?,
+            n = listener.try_recv(), if room => { n?; }
             _ = tokio::time::sleep(poll) => {}
         }
+    }
+    // Wait for what was sent, so delivered rows are deleted and not published again.
+    while let Some(round) = rounds.pending.next().await {
+        rounds.settle(pool, metrics, round).await?;
     }
     Ok(())
 }
@@ -182,20 +202,98 @@ async fn cleanup(config: &Config, pool: &PgPool) {
     }
 }
 
-/// Publishes one batch; returns how many rows were published.
-pub async fn publish_batch(
-    config: &Config,
-    pool: &PgPool,
-    producer: &FutureProducer,
-    metrics: &Metrics,
-) -> Result<usize, RelayError> {
-    let rows = outbox::fetch_publishable(pool, config.relay.batch_size).await?;
-    if rows.is_empty() {
-        return Ok(0);
+/// A row's delivery outcome: acknowledged (and when), or not delivered.
+type Delivered = (outbox::Pending, Option<chrono::DateTime<chrono::Utc>>);
+
+/// The relay's rounds awaiting delivery reports, and where the next read continues.
+#[derive(Default)]
+struct Rounds {
+    pending: FuturesUnordered<BoxFuture<'static, (Vec<Delivered>, Instant)>>,
+    /// Ids sent and not yet settled: never sent twice, whatever a read returns.
+    held: HashSet<i64>,
+    cursor: outbox::ReadCursor,
+    /// A delivery failed: stop reading until every round settled, then read from the start.
+    failed: bool,
+}
+
+impl Rounds {
+    /// Reads publishable rows and hands them to the producer; returns whether it sent any.
+    async fn start(
+        &mut self,
+        config: &Config,
+        pool: &PgPool,
+        producer: &FutureProducer,
+    ) -> Result<bool, RelayError> {
+        if self.pending.is_empty() {
+            self.cursor = outbox::ReadCursor::default();
+        }
+        let mut rows =
+            outbox::fetch_publishable(pool, config.relay.batch_size, self.cursor).await?;
+        self.cursor = self.cursor.advance(&rows);
+        rows.retain(|r| !self.held.contains(&r.id));
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        self.held.extend(rows.iter().map(|r| r.id));
+        self.pending.push(Box::pin(send_round(producer, rows)));
+        Ok(true)
     }
+
+    /// Deletes a round's delivered rows; its undelivered rows are read again later.
+    async fn settle(
+        &mut self,
+        pool: &PgPool,
+        metrics: &Metrics,
+        (outcomes, started): (Vec<Delivered>, Instant),
+    ) -> Result<(), RelayError> {
+        let mut published = Vec::with_capacity(outcomes.len());
+        let mut failed = 0usize;
+        for (row, acked_at) in &outcomes {
+            let Some(acked_at) = acked_at else {
+                failed += 1;
+                continue;
+            };
+            published.push(row.id);
+            metrics
+                .relay_published
+                .with_label_values(&[&row.topic])
+                .inc();
+            let delay = (*acked_at - row.created_at).num_microseconds().unwrap_or(0);
+            metrics
+                .outbox_publish_delay_seconds
+                .observe(delay.max(0) as f64 / 1e6);
+        }
+        let deleted = if published.is_empty() {
+            Ok(())
+        } else {
+            outbox::delete_published(pool, &published).await
+        };
+        // Deleted rows are never read again; undelivered ones must be. (On a failed delete
+        // the rows stay and are published again: at least once, never lost.)
+        for (row, _) in &outcomes {
+            self.held.remove(&row.id);
+        }
+        deleted?;
+        metrics
+            .relay_publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if failed > 0 {
+            metrics.relay_errors.inc_by(failed as u64);
+            tracing::warn!(failed, "outbox rows not delivered; they will be retried");
+            self.failed = true;
+        }
+        Ok(())
+    }
+}
+
+/// Enqueues a round's rows in order and resolves once every delivery report is in.
+fn send_round(
+    producer: &FutureProducer,
+    rows: Vec<outbox::Pending>,
+) -> impl std::future::Future<Output = (Vec<Delivered>, Instant)> + Send + 'static {
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for row in rows {
         let mut headers = OwnedHeaders::new();
         for (k, v) in outbox::decode_headers(&row.headers) {
             headers = headers.insert(Header {
@@ -209,50 +307,25 @@ pub async fn publish_batch(
         if let Some(key) = &row.key {
             record = record.key(key.as_slice());
         }
-        // Enqueue without waiting; the delivery futures are awaited together below.
-        match producer.send_result(record) {
-            Ok(delivery) => deliveries.push((row, Some(delivery))),
+        // Enqueue without waiting; the delivery futures are awaited together.
+        let delivery = match producer.send_result(record) {
+            Ok(delivery) => Some(delivery),
             Err((e, _)) => {
                 tracing::warn!(error = %e, "producer queue rejected a message");
-                deliveries.push((row, None));
+                None
             }
-        }
-    }
-    let outcomes = join_all(deliveries.into_iter().map(|(row, d)| async move {
-        let ok = match d {
-            Some(d) => matches!(d.await, Ok(Ok(_))),
-            None => false,
         };
-        (row, ok, chrono::Utc::now())
-    }))
-    .await;
-    let mut published = Vec::with_capacity(outcomes.len());
-    let mut failed = 0usize;
-    for (row, ok, acked_at) in outcomes {
-        if ok {
-            published.push(row.id);
-            metrics
-                .relay_published
-                .with_label_values(&[&row.topic])
-                .inc();
-            let delay = (acked_at - row.created_at).num_microseconds().unwrap_or(0);
-            metrics
-                .outbox_publish_delay_seconds
-                .observe(delay.max(0) as f64 / 1e6);
-        } else {
-            failed += 1;
-        }
+        deliveries.push((row, delivery));
     }
-    if !published.is_empty() {
-        outbox::delete_published(pool, &published).await?;
+    async move {
+        let outcomes = join_all(deliveries.into_iter().map(|(row, d)| async move {
+            let acked = match d {
+                Some(d) => matches!(d.await, Ok(Ok(_))),
+                None => false,
+            };
+            (row, acked.then(chrono::Utc::now))
+        }))
+        .await;
+        (outcomes, started)
     }
-    metrics
-        .relay_publish_seconds
-        .observe(started.elapsed().as_secs_f64());
-    if failed > 0 {
-        metrics.relay_errors.inc_by(failed as u64);
-        tracing::warn!(failed, "outbox rows not delivered; they will be retried");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok(published.len())
 }

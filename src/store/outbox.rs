@@ -114,21 +114,55 @@ pub struct Pending {
     pub headers: serde_json::Value,
     /// When the transaction that wrote it started.
     pub created_at: DateTime<Utc>,
+    /// The xmin of the snapshot that read it (every older transaction had finished).
+    pub snapshot_xmin: i64,
+}
+
+/// Where a read continues while earlier reads still await their delivery reports.
+///
+/// A row with an id at or below `after_id` that the previous read did not return belonged
+/// to a transaction still running then (its txid ≥ that read's xmin), so rows the relay
+/// holds are skipped without listing them. The default reads everything publishable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadCursor {
+    pub after_id: i64,
+    pub xmin: i64,
+}
+
+impl ReadCursor {
+    /// The cursor after a read returned `rows` (unchanged when it returned none).
+    pub fn advance(self, rows: &[Pending]) -> Self {
+        match (rows.iter().map(|r| r.id).max(), rows.first()) {
+            (Some(after_id), Some(first)) => Self {
+                after_id,
+                xmin: first.snapshot_xmin,
+            },
+            _ => self,
+        }
+    }
 }
 
 /// The oldest unpublished rows whose transactions, and every older transaction, have
-/// finished. Waiting for the snapshot's xmin is what keeps a late-committing transaction's
-/// rows from being overtaken by a newer transaction's rows for the same key.
-pub async fn fetch_publishable(pool: &PgPool, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
+/// finished, past `cursor`. Waiting for the snapshot's xmin is what keeps a late-committing
+/// transaction's rows from being overtaken by a newer transaction's rows for the same key.
+pub async fn fetch_publishable(
+    pool: &PgPool,
+    limit: i64,
+    cursor: ReadCursor,
+) -> Result<Vec<Pending>, sqlx::Error> {
     sqlx::query_as!(
         Pending,
         r#"
-        SELECT id, topic, message_key AS key, payload, headers, created_at
-        FROM outbox
-        WHERE txid < pg_snapshot_xmin(pg_current_snapshot())::text::int8
-        ORDER BY id
-        LIMIT $1
+        WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin)
+        SELECT o.id, o.topic, o.message_key AS key, o.payload, o.headers, o.created_at,
+               snap.xmin AS "snapshot_xmin!"
+        FROM outbox o, snap
+        WHERE o.txid < snap.xmin AND (o.id > $1 OR o.txid >= $2)
+        ORDER BY o.id
+        LIMIT $3
         "#,
+        cursor.after_id,
+        cursor.xmin,
         limit
     )
     .fetch_all(pool)

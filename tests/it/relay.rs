@@ -220,3 +220,176 @@ async fn only_one_relay_leads_and_retention_forgets_emitted_ids() {
     let out = read_topics(&h.config.kafka.brokers, &[topic], 2).await;
     assert_eq!(out.len(), 2, "published once, not once per relay");
 }
+
+/// The pipelined relay's read cursor: rows it holds (sent, not yet acknowledged) are not
+/// read again, but a row a late-committing transaction wrote *below* the cursor is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_cursor_skips_held_rows_but_not_a_late_commit_below_it() {
+    let h = Harness::new().await;
+    let topic = h.config.topics.user_events.clone();
+    // `late` takes its txid first but writes its row after `early` did and commits last.
+    let mut late = sqlx::PgConnection::connect(&h.db.url).await.expect("conn");
+    let mut late_tx = late.begin().await.expect("tx");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *late_tx)
+        .await
+        .expect("xid");
+    let mut early = sqlx::PgConnection::connect(&h.db.url).await.expect("conn");
+    let mut early_tx = early.begin().await.expect("tx");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *early_tx)
+        .await
+        .expect("xid");
+    // late writes first (the lower id) and commits last.
+    outbox::insert(&mut late_tx, &[row(1, "a", &topic)])
+        .await
+        .expect("insert late");
+    outbox::insert(&mut early_tx, &[row(2, "b", &topic)])
+        .await
+        .expect("insert early");
+    early_tx.commit().await.expect("commit early");
+
+    let start = outbox::ReadCursor::default();
+    let first = outbox::fetch_publishable(&h.db.pool, 100, start)
+        .await
+        .expect("read");
+    assert!(
+        first.is_empty(),
+        "early's txid is newer than late's, which still runs: nothing is publishable yet"
+    );
+    late_tx.commit().await.expect("commit late");
+    let first = outbox::fetch_publishable(&h.db.pool, 100, start)
+        .await
+        .expect("read");
+    assert_eq!(first.len(), 2);
+    let held = start.advance(&first);
+    assert!(
+        outbox::fetch_publishable(&h.db.pool, 100, held)
+            .await
+            .expect("read")
+            .is_empty(),
+        "held rows are not read again"
+    );
+
+    // Now the hazard itself: a newer transaction writes a row, an older one writes a
+    // higher id and commits first; the cursor passes that higher id. The newer one's row,
+    // below the cursor, must still be read once it commits.
+    let mut older = sqlx::PgConnection::connect(&h.db.url).await.expect("conn");
+    let mut older_tx = older.begin().await.expect("tx");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older_tx)
+        .await
+        .expect("xid");
+    let mut newer = sqlx::PgConnection::connect(&h.db.url).await.expect("conn");
+    let mut newer_tx = newer.begin().await.expect("tx");
+    outbox::insert(&mut newer_tx, &[row(3, "c", &topic)])
+        .await
+        .expect("insert newer");
+    outbox::insert(&mut older_tx, &[row(4, "d", &topic)])
+        .await
+        .expect("insert older");
+    older_tx.commit().await.expect("commit older");
+    let second = outbox::fetch_publishable(&h.db.pool, 100, held)
+        .await
+        .expect("read");
+    let payloads = |rows: &[outbox::Pending]| -> Vec<String> {
+        rows.iter()
+            .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+            .collect()
+    };
+    assert_eq!(payloads(&second), vec!["{\"n\":4}"], "only the older row");
+    let held = held.advance(&second);
+    newer_tx.commit().await.expect("commit newer");
+    let third = outbox::fetch_publishable(&h.db.pool, 100, held)
+        .await
+        .expect("read");
+    assert_eq!(
+        payloads(&third),
+        vec!["{\"n\":3}"],
+        "the row below the cursor is read, and the held row above it is not"
+    );
+}
+
+/// Many rounds in flight (slow acks) while writers commit concurrently: every row is
+/// published exactly once, each key in commit order, and then deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_relay_publishes_concurrent_commits_once_in_key_order() {
+    let mut h = Harness::with(|c| {
+        c.relay.batch_size = 25;
+        c.relay.rounds_in_flight = 8;
+    })
+    .await;
+    let topic = h.config.topics.user_events.clone();
+    // Slow acks keep several rounds in flight at once.
+    h.cluster
+        .as_ref()
+        .expect("mock")
+        .broker_round_trip_time(1, Duration::from_millis(40))
+        .expect("rtt");
+    h.config.relay.enabled = true;
+    let shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
+    let relay_task = {
+        let (config, pool, metrics, token) = (
+            h.config.clone(),
+            h.db.pool.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move { relay::run(&config, pool, metrics, token).await })
+    };
+    let (writers, per_writer) = (4u32, 300u32);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (pool, topic) = (h.db.pool.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            // Each writer owns its keys, so its commit order is each key's order.
+            for chunk in (0..per_writer).collect::<Vec<_>>().chunks(3) {
+                let rows: Vec<NewMessage> = chunk
+                    .iter()
+                    .map(|n| row(w * 10_000 + n, &format!("w{w}-k{}", n % 5), &topic))
+                    .collect();
+                let mut tx = pool.begin().await.expect("tx");
+                outbox::insert(&mut tx, &rows).await.expect("insert");
+                tx.commit().await.expect("commit");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let total = (writers * per_writer) as usize;
+    wait_for("all published and deleted", || async {
+        h.db.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    shutdown.cancel();
+    relay_task.await.expect("join").expect("relay");
+    let out = read_topics(&h.config.kafka.brokers, &[topic], total).await;
+    let ns: Vec<u64> = out
+        .iter()
+        .map(|o| o.json()["n"].as_u64().expect("n"))
+        .collect();
+    let distinct: std::collections::HashSet<u64> = ns.iter().copied().collect();
+    assert_eq!(out.len(), total, "no row twice");
+    assert_eq!(distinct.len(), total, "every row once");
+    let mut by_key: std::collections::HashMap<Vec<u8>, Vec<u64>> = Default::default();
+    for (o, n) in out.iter().zip(&ns) {
+        by_key
+            .entry(o.key.clone().expect("key"))
+            .or_default()
+            .push(*n);
+    }
+    for (key, ns) in by_key {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, sorted, "order of key {}", String::from_utf8_lossy(&key));
+    }
+    assert_eq!(
+        metrics
+            .relay_published
+            .with_label_values(&[&h.config.topics.user_events])
+            .get(),
+        total as u64
+    );
+}
