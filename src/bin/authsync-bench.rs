@@ -24,7 +24,7 @@ use clap::Parser;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -463,8 +463,7 @@ impl WorkerStats {
     fn of(metrics: &str) -> Self {
         let delay =
             |q| histogram_quantile(metrics, "authsync_outbox_publish_delay_seconds", q) * 1000.0;
-        let consume =
-            |q| histogram_quantile(metrics, "authsync_consume_delay_seconds", q) * 1000.0;
+        let consume = |q| histogram_quantile(metrics, "authsync_consume_delay_seconds", q) * 1000.0;
         let batches = sum_metric(metrics, "authsync_batch_size_count").max(1.0);
         Self {
             delay_p50_ms: delay(0.5),
@@ -793,6 +792,63 @@ impl Bench {
         Ok(reader)
     }
 
+    /// Polls `consumer` until the group gave it partitions (nothing is on its topics yet),
+    /// so no group join lands inside the measured window.
+    async fn joined<C: rdkafka::consumer::ConsumerContext + 'static>(
+        consumer: &StreamConsumer<C>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while consumer.assignment()?.count() == 0 {
+            if Instant::now() > deadline {
+                bail!("consumer got no partitions within 30 s");
+            }
+            tokio::select! {
+                m = consumer.recv() => { m?; }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches `topic`'s metadata with `producer`, so its first send does not wait for it.
+    async fn warmed<C: rdkafka::ClientContext + 'static>(
+        producer: &FutureProducer<C>,
+        topic: &str,
+    ) -> anyhow::Result<()> {
+        let (producer, topic) = (producer.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map(|_| ())
+        })
+        .await??;
+        Ok(())
+    }
+
+    /// Waits until the worker owns every input partition (its own metrics say so).
+    async fn worker_joined(&self, config: &Config) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = scrape(config.http.listen).await.unwrap_or_default();
+            let line = format!(
+                "authsync_partitions_assigned{{topic=\"{}\"}} ",
+                config.topics.login
+            );
+            let owned: f64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+                .unwrap_or(0.0);
+            if owned >= self.args.partitions as f64 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the worker owns {owned} partitions after 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The broker's own share of the latency, measured the way the pipeline uses it: the
     /// same pacing and duration, an input topic, a forwarder with the worker's consumer and
     /// relay-producer settings (and nothing else in between), an output topic, the same
@@ -817,7 +873,9 @@ impl Bench {
         let forwarder: StreamConsumer =
             authsync::consumer::consumer_client_config(&forwarder_config).create()?;
         forwarder.subscribe(&[&input])?;
+        Self::joined(&forwarder).await?;
         let relay_producer = relay::producer(config)?;
+        Self::warmed(&relay_producer, &output).await?;
         let stop = tokio_util::sync::CancellationToken::new();
         let forwarding = tokio::spawn({
             let (stop, output) = (stop.clone(), output.clone());
@@ -828,7 +886,8 @@ impl Bench {
                         m = forwarder.recv() => m,
                     };
                     let Ok(m) = m else { continue };
-                    let mut record = FutureRecord::to(&output).payload(m.payload().unwrap_or_default());
+                    let mut record =
+                        FutureRecord::to(&output).payload(m.payload().unwrap_or_default());
                     if let Some(k) = m.key() {
                         record = record.key(k);
                     }
@@ -839,11 +898,12 @@ impl Bench {
             }
         });
         let reader = self.latency_reader(&format!("bench-floor-{suffix}"), &output)?;
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        Self::joined(&reader).await?;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "0")
             .create()?;
+        Self::warmed(&producer, &input).await?;
         // One clock for both sides: the payload carries its send time (µs since t0), padded
         // to about a login's size.
         let t0 = Instant::now();
@@ -899,12 +959,14 @@ impl Bench {
             &format!("bench-reader-{suffix}"),
             &config.topics.user_events,
         )?;
-        // Let the worker and the reader join their groups before the clock starts.
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        // The worker and the reader join their groups before the clock starts.
+        Self::joined(&reader).await?;
+        self.worker_joined(&config).await?;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "0")
             .create()?;
+        Self::warmed(&producer, &config.topics.login).await?;
         let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
         let users = 1000;
         let sender = {

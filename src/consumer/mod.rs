@@ -257,6 +257,9 @@ fn to_input(message: &BorrowedMessage<'_>) -> InputMessage {
     }
 }
 
+/// A message on its way to its partition's task, with when it was fetched.
+type Queued = (Instant, InputMessage);
+
 /// Everything a partition task needs.
 struct Worker {
     key: PartitionKey,
@@ -269,7 +272,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, mut rx: mpsc::Receiver<InputMessage>) {
+    async fn run(self, mut rx: mpsc::Receiver<Queued>) {
         let linger = Duration::from_millis(self.config.batch_linger_ms);
         loop {
             let first = tokio::select! {
@@ -277,17 +280,21 @@ impl Worker {
                 _ = self.state.abort.cancelled() => break,
                 m = rx.recv() => m,
             };
-            let Some(first) = first else { break };
+            let Some((queued_at, first)) = first else {
+                break;
+            };
             let mut batch = Vec::with_capacity(self.config.batch_size.min(1024));
             batch.push(first);
-            let deadline = tokio::time::Instant::now() + linger;
+            // A message waits at most `linger` for company, counted from when it was queued:
+            // one that waited behind the previous batch goes at once, with what is queued.
+            let deadline = tokio::time::Instant::from_std(queued_at + linger);
             while batch.len() < self.config.batch_size {
                 match rx.try_recv() {
-                    Ok(m) => batch.push(m),
+                    Ok((_, m)) => batch.push(m),
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some(m)) => batch.push(m),
+                            Ok(Some((_, m))) => batch.push(m),
                             _ => break,
                         }
                     }
@@ -396,8 +403,8 @@ impl Worker {
 /// a bounded overflow, in order per partition, and the loop goes on feeding the others; it
 /// waits only when the overflow is full, and then for whichever queue frees a slot first.
 struct Dispatcher {
-    senders: HashMap<PartitionKey, mpsc::Sender<InputMessage>>,
-    overflow: HashMap<PartitionKey, VecDeque<InputMessage>>,
+    senders: HashMap<PartitionKey, mpsc::Sender<Queued>>,
+    overflow: HashMap<PartitionKey, VecDeque<Queued>>,
     /// Messages in `overflow`, all partitions.
     overflowed: usize,
     /// Bound of `overflowed`.
@@ -420,14 +427,14 @@ impl Dispatcher {
 
     /// A new queue for `key`; overflow left from an earlier assignment is dropped (those
     /// messages are fetched again from the committed offset, in order).
-    fn register(&mut self, key: PartitionKey, tx: mpsc::Sender<InputMessage>) {
+    fn register(&mut self, key: PartitionKey, tx: mpsc::Sender<Queued>) {
         if let Some(stale) = self.overflow.remove(&key) {
             self.overflowed -= stale.len();
         }
         self.senders.insert(key, tx);
     }
 
-    fn dispatch(&mut self, key: PartitionKey, message: InputMessage) {
+    fn dispatch(&mut self, key: PartitionKey, message: Queued) {
         let Some(tx) = self.senders.get(&key) else {
             return;
         };
@@ -582,7 +589,7 @@ pub async fn run(
             tasks.retain(|t| !t.is_finished());
             tasks.push(tokio::spawn(worker.run(rx)));
         }
-        dispatcher.dispatch(key, input);
+        dispatcher.dispatch(key, (Instant::now(), input));
     }
 
     // Shutdown: stop fetching, let every task finish what it holds, commit, leave.
