@@ -256,7 +256,8 @@ impl TopicsConfig {
 pub struct ConsumerConfig {
     /// Most messages applied in one Postgres transaction (per partition).
     pub batch_size: usize,
-    /// How long a partition waits for more messages before applying a partial batch.
+    /// Longest a fetched message waits for more before its partial batch is applied,
+    /// counted from its fetch (one that queued behind the previous batch goes at once).
     pub batch_linger_ms: u64,
     /// Largest accepted message value; larger ones are dead-lettered (`too_large`).
     pub max_message_bytes: usize,
