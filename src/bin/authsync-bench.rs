@@ -123,6 +123,19 @@ impl Db {
         Ok(())
     }
 
+    /// CPU seconds used so far by the worker's Postgres backends (their `application_name`
+    /// starts with `authsync`) in this database.
+    async fn worker_backends_cpu_secs(&self) -> f64 {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'authsync%'",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        pids.into_iter().map(|p| cpu_secs(p as u32)).sum()
+    }
+
     async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(&self.pool)
@@ -331,6 +344,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let rss = peak_rss(pid);
+        let cpu = Cpu::of(pid, db).await;
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
@@ -340,6 +354,8 @@ impl Bench {
         Ok(PipelineRun {
             secs: done.duration_since(t0.unwrap_or(done)).as_secs_f64(),
             rss,
+            cpu,
+            events: processed as usize,
             p50_ms: w.delay_p50_ms,
             p99_ms: w.delay_p99_ms,
             batch_avg_size: w.batch_avg_size,
@@ -427,6 +443,27 @@ fn sum_metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// CPU seconds (user + system) process `pid` has used so far; 0 when it cannot be read.
+/// (CPU time per event compares builds on a noisy machine better than wall time does.)
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is the 3rd field,
+    // utime the 14th, stime the 15th; clock ticks are 1/100 s on Linux.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn peak_rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -491,13 +528,43 @@ struct PipelineRun {
     /// Where a batch's time goes: its size and its transaction time (retries included).
     batch_avg_size: f64,
     batch_avg_ms: f64,
+    cpu: Cpu,
+    /// Events the run handled (or, for the relay alone, rows it published).
+    events: usize,
 }
 
 impl PipelineRun {
     fn batches(&self) -> serde_json::Value {
+        merge(
+            serde_json::json!({
+                "batch_avg_size": self.batch_avg_size.round(),
+                "batch_avg_ms": (self.batch_avg_ms * 10.0).round() / 10.0,
+            }),
+            self.cpu.json(self.events),
+        )
+    }
+}
+
+/// CPU time of the worker process and of its Postgres backends, over the worker's life.
+struct Cpu {
+    worker_secs: f64,
+    postgres_secs: f64,
+}
+
+impl Cpu {
+    async fn of(pid: u32, db: &Db) -> Self {
+        Self {
+            worker_secs: cpu_secs(pid),
+            postgres_secs: db.worker_backends_cpu_secs().await,
+        }
+    }
+
+    /// Per event, in µs.
+    fn json(&self, events: usize) -> serde_json::Value {
+        let per_event = |secs: f64| (secs * 1e6 / events.max(1) as f64).round();
         serde_json::json!({
-            "batch_avg_size": self.batch_avg_size.round(),
-            "batch_avg_ms": (self.batch_avg_ms * 10.0).round() / 10.0,
+            "worker_cpu_us_per_event": per_event(self.worker_secs),
+            "postgres_cpu_us_per_event": per_event(self.postgres_secs),
         })
     }
 }
@@ -773,7 +840,10 @@ impl Bench {
             p50: 0.0,
             p99: 0.0,
             rss: run.rss,
-            extra: serde_json::json!({"ceiling": "same producer, no database"}),
+            extra: merge(
+                serde_json::json!({"ceiling": "same producer, no database"}),
+                run.cpu.json(n),
+            ),
         }
         .print();
         db.drop().await;
@@ -1011,6 +1081,7 @@ impl Bench {
         }
         sender.await?;
         let rss = peak_rss(pid);
+        let cpu = Cpu::of(pid, &db).await;
         // The worker's own view: transaction start -> broker ack, and batch sizes / times.
         let worker = scrape(config.http.listen).await.unwrap_or_default();
         let w = WorkerStats::of(&worker);
@@ -1024,6 +1095,7 @@ impl Bench {
             "batch_avg_ms": tenth(w.batch_avg_ms),
             "batch_p99_ms": tenth(w.batch_p99_ms),
         });
+        let stages = merge(stages, cpu.json(n));
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
