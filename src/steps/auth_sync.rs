@@ -499,14 +499,16 @@ impl AuthSync {
             });
         }
 
-        // 5. Write what changed, in one statement.
-        let writes = users::LoginWrites {
-            users: dirty.iter().filter_map(|id| users_by_id.get(id)).collect(),
-            emails: emails.into_values().collect(),
-            identities: identity_states.into_values().collect(),
-            devices: devices.into_values().collect(),
-        };
-        users::write_logins(&mut *conn, &writes).await?;
+        // 5. Write what changed, one statement per table.
+        let dirty_users: Vec<&UserRecord> =
+            dirty.iter().filter_map(|id| users_by_id.get(id)).collect();
+        users::write(&mut *conn, &dirty_users).await?;
+        let emails: Vec<EmailState> = emails.into_values().collect();
+        users::upsert_emails(&mut *conn, &emails).await?;
+        let identity_states: Vec<IdentityState> = identity_states.into_values().collect();
+        users::update_identities(&mut *conn, &identity_states).await?;
+        let devices: Vec<DeviceSighting> = devices.into_values().collect();
+        users::upsert_devices(&mut *conn, &devices).await?;
         if let Some(changes) = &claims_changes {
             let changed: Vec<(Uuid, &ClaimsState, &ClaimsState)> = changes
                 .iter()

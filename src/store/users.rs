@@ -87,40 +87,13 @@ pub async fn lock_by_identities(
         .collect())
 }
 
-/// What a batch of logins writes: each user's full state, addresses and their
-/// verification, identities' claims, devices seen. None may repeat its key.
-#[derive(Debug, Default)]
-pub struct LoginWrites<'a> {
-    pub users: Vec<&'a UserRecord>,
-    pub emails: Vec<EmailState>,
-    pub identities: Vec<IdentityState>,
-    pub devices: Vec<DeviceSighting>,
-}
-
-/// Writes a batch's logins in one statement (one round trip, whatever the batch holds):
-///
-/// - users: their full state;
-/// - addresses: added, (un)verified; a verified address keeps its first verification time;
-/// - identities: their claims as of the batch;
-/// - devices: first / last seen.
-///
-/// The parts touch different tables and read nothing the others write, so one snapshot
-/// for all of them is the same as running them one after the other.
-pub async fn write_logins(
-    conn: &mut PgConnection,
-    writes: &LoginWrites<'_>,
-) -> Result<(), sqlx::Error> {
-    let LoginWrites {
-        users,
-        emails,
-        identities,
-        devices,
-    } = writes;
-    if users.is_empty() && emails.is_empty() && identities.is_empty() && devices.is_empty() {
+/// Writes the full state of each user (one statement for the batch).
+pub async fn write(conn: &mut PgConnection, users: &[&UserRecord]) -> Result<(), sqlx::Error> {
+    if users.is_empty() {
         return Ok(());
     }
-    let user_ids: Vec<Uuid> = users.iter().map(|u| u.id).collect();
-    let user_emails: Vec<Option<&str>> = users.iter().map(|u| u.email.as_deref()).collect();
+    let ids: Vec<Uuid> = users.iter().map(|u| u.id).collect();
+    let emails: Vec<Option<&str>> = users.iter().map(|u| u.email.as_deref()).collect();
     let auth_names: Vec<Option<&str>> = users
         .iter()
         .map(|u| u.auth_display_name.as_deref())
@@ -132,7 +105,7 @@ pub async fn write_logins(
     let given: Vec<Option<&str>> = users.iter().map(|u| u.given_name.as_deref()).collect();
     let family: Vec<Option<&str>> = users.iter().map(|u| u.family_name.as_deref()).collect();
     let locales: Vec<Option<&str>> = users.iter().map(|u| u.locale.as_deref()).collect();
-    // text[] per row cannot be a row of a 2-D array (ragged): pass each as JSON.
+    // text[] per user cannot be a row of a 2-D array (ragged): pass each as JSON.
     let variants: Vec<serde_json::Value> = users
         .iter()
         .map(|u| serde_json::json!(u.workflow_variants))
@@ -142,93 +115,25 @@ pub async fn write_logins(
     let login_at: Vec<DateTime<Utc>> = users.iter().map(|u| u.last_login_at).collect();
     let counts: Vec<i64> = users.iter().map(|u| u.login_count).collect();
     let modified: Vec<DateTime<Utc>> = users.iter().map(|u| u.modified_at).collect();
-
-    let email_users: Vec<Uuid> = emails.iter().map(|e| e.user_id).collect();
-    let addresses: Vec<&str> = emails.iter().map(|e| e.email.as_str()).collect();
-    let email_verified: Vec<Option<DateTime<Utc>>> = emails.iter().map(|e| e.verified_at).collect();
-
-    let providers: Vec<&str> = identities.iter().map(|i| i.provider.as_str()).collect();
-    let subjects: Vec<&str> = identities.iter().map(|i| i.subject.as_str()).collect();
-    let groups: Vec<serde_json::Value> = identities
-        .iter()
-        .map(|i| serde_json::json!(i.groups))
-        .collect();
-    let identity_emails: Vec<Option<&str>> =
-        identities.iter().map(|i| i.email.as_deref()).collect();
-    let identity_verified: Vec<bool> = identities.iter().map(|i| i.email_verified).collect();
-    let identity_login_at: Vec<DateTime<Utc>> =
-        identities.iter().map(|i| i.last_login_at).collect();
-    let connection_ids: Vec<Option<&str>> = identities
-        .iter()
-        .map(|i| i.connection_id.as_deref())
-        .collect();
-    let connection_groups: Vec<serde_json::Value> = identities
-        .iter()
-        .map(|i| serde_json::json!(i.connection_groups))
-        .collect();
-    let audiences: Vec<Option<&str>> = identities.iter().map(|i| i.audience.as_deref()).collect();
-
-    let device_users: Vec<Uuid> = devices.iter().map(|d| d.user_id).collect();
-    let device_ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
-    let agents: Vec<Option<&str>> = devices.iter().map(|d| d.user_agent.as_deref()).collect();
-    let seen: Vec<DateTime<Utc>> = devices.iter().map(|d| d.seen_at).collect();
     sqlx::query!(
         r#"
-        WITH written_users AS (
-            UPDATE users u SET
-                email = d.email, auth_display_name = d.auth_display_name,
-                auth_picture_url = d.auth_picture_url, given_name = d.given_name,
-                family_name = d.family_name, locale = d.locale,
-                workflow_variants = ARRAY(SELECT jsonb_array_elements_text(d.variants)),
-                version = d.version, profile_event_at = d.profile_event_at,
-                last_login_at = d.last_login_at, login_count = d.login_count,
-                modified_at = d.modified_at,
-                modified_by = CASE WHEN d.version <> u.version THEN d.id ELSE u.modified_by END
-            FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                        $7::text[], $8::jsonb[], $9::int8[], $10::timestamptz[],
-                        $11::timestamptz[], $12::int8[], $13::timestamptz[])
-                AS d(id, email, auth_display_name, auth_picture_url, given_name, family_name,
-                     locale, variants, version, profile_event_at, last_login_at, login_count,
-                     modified_at)
-            WHERE u.id = d.id
-            RETURNING 1
-        ), written_emails AS (
-            INSERT INTO user_emails (user_id, email, verified_at)
-            SELECT * FROM UNNEST($14::uuid[], $15::text[], $16::timestamptz[])
-            ON CONFLICT (user_id, email) DO UPDATE SET verified_at =
-                CASE WHEN EXCLUDED.verified_at IS NULL THEN NULL
-                     ELSE COALESCE(user_emails.verified_at, EXCLUDED.verified_at) END
-            RETURNING 1
-        ), written_identities AS (
-            UPDATE external_identities ei SET
-                groups = ARRAY(SELECT jsonb_array_elements_text(d.groups)),
-                email = d.email, email_verified = d.verified,
-                last_login_at = GREATEST(ei.last_login_at, d.login_at),
-                connection_id = d.connection_id,
-                connection_groups = ARRAY(SELECT jsonb_array_elements_text(d.connection_groups)),
-                audience = d.audience
-            FROM UNNEST($17::text[], $18::text[], $19::jsonb[], $20::text[], $21::bool[],
-                        $22::timestamptz[], $23::text[], $24::jsonb[], $25::text[])
-                AS d(provider, subject, groups, email, verified, login_at, connection_id,
-                     connection_groups, audience)
-            WHERE ei.provider = d.provider AND ei.subject = d.subject
-            RETURNING 1
-        ), written_devices AS (
-            INSERT INTO devices (user_id, device_id, user_agent, first_seen_at, last_seen_at)
-            SELECT u, d, a, s, s
-            FROM UNNEST($26::uuid[], $27::text[], $28::text[], $29::timestamptz[]) AS x(u, d, a, s)
-            ON CONFLICT (user_id, device_id) DO UPDATE SET
-                user_agent = COALESCE(EXCLUDED.user_agent, devices.user_agent),
-                first_seen_at = LEAST(devices.first_seen_at, EXCLUDED.first_seen_at),
-                last_seen_at = GREATEST(devices.last_seen_at, EXCLUDED.last_seen_at)
-            RETURNING 1
-        )
-        SELECT (SELECT count(*) FROM written_users) + (SELECT count(*) FROM written_emails)
-             + (SELECT count(*) FROM written_identities) + (SELECT count(*) FROM written_devices)
-             AS "rows!"
+        UPDATE users u SET
+            email = d.email, auth_display_name = d.auth_display_name,
+            auth_picture_url = d.auth_picture_url, given_name = d.given_name,
+            family_name = d.family_name, locale = d.locale,
+            workflow_variants = ARRAY(SELECT jsonb_array_elements_text(d.variants)),
+            version = d.version, profile_event_at = d.profile_event_at,
+            last_login_at = d.last_login_at, login_count = d.login_count,
+            modified_at = d.modified_at, modified_by = CASE WHEN d.version <> u.version THEN d.id ELSE u.modified_by END
+        FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                    $7::text[], $8::jsonb[], $9::int8[], $10::timestamptz[], $11::timestamptz[],
+                    $12::int8[], $13::timestamptz[])
+            AS d(id, email, auth_display_name, auth_picture_url, given_name, family_name, locale,
+                 variants, version, profile_event_at, last_login_at, login_count, modified_at)
+        WHERE u.id = d.id
         "#,
-        &user_ids,
-        &user_emails as &[Option<&str>],
+        &ids,
+        &emails as &[Option<&str>],
         &auth_names as &[Option<&str>],
         &pictures as &[Option<&str>],
         &given as &[Option<&str>],
@@ -240,24 +145,8 @@ pub async fn write_logins(
         &login_at,
         &counts,
         &modified,
-        &email_users,
-        &addresses as &[&str],
-        &email_verified as &[Option<DateTime<Utc>>],
-        &providers as &[&str],
-        &subjects as &[&str],
-        &groups,
-        &identity_emails as &[Option<&str>],
-        &identity_verified,
-        &identity_login_at,
-        &connection_ids as &[Option<&str>],
-        &connection_groups,
-        &audiences as &[Option<&str>],
-        &device_users,
-        &device_ids as &[&str],
-        &agents as &[Option<&str>],
-        &seen,
     )
-    .fetch_one(conn)
+    .execute(conn)
     .await
     .map(|_| ())
 }
@@ -268,6 +157,35 @@ pub struct EmailState {
     pub user_id: Uuid,
     pub email: String,
     pub verified_at: Option<DateTime<Utc>>,
+}
+
+/// Adds addresses and records (un)verification; a verified address keeps its first
+/// verification time. `emails` must not repeat a (user, email).
+pub async fn upsert_emails(
+    conn: &mut PgConnection,
+    emails: &[EmailState],
+) -> Result<(), sqlx::Error> {
+    if emails.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<Uuid> = emails.iter().map(|e| e.user_id).collect();
+    let addresses: Vec<&str> = emails.iter().map(|e| e.email.as_str()).collect();
+    let verified: Vec<Option<DateTime<Utc>>> = emails.iter().map(|e| e.verified_at).collect();
+    sqlx::query!(
+        r#"
+        INSERT INTO user_emails (user_id, email, verified_at)
+        SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[])
+        ON CONFLICT (user_id, email) DO UPDATE SET verified_at =
+            CASE WHEN EXCLUDED.verified_at IS NULL THEN NULL
+                 ELSE COALESCE(user_emails.verified_at, EXCLUDED.verified_at) END
+        "#,
+        &users,
+        &addresses as &[&str],
+        &verified as &[Option<DateTime<Utc>>],
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 /// The claims of one identity after the batch (written only when they changed).
@@ -284,10 +202,97 @@ pub struct IdentityState {
     pub last_login_at: DateTime<Utc>,
 }
 
+/// `identities` must not repeat a (provider, subject).
+pub async fn update_identities(
+    conn: &mut PgConnection,
+    identities: &[IdentityState],
+) -> Result<(), sqlx::Error> {
+    if identities.is_empty() {
+        return Ok(());
+    }
+    let providers: Vec<&str> = identities.iter().map(|i| i.provider.as_str()).collect();
+    let subjects: Vec<&str> = identities.iter().map(|i| i.subject.as_str()).collect();
+    let groups: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| serde_json::json!(i.groups))
+        .collect();
+    let emails: Vec<Option<&str>> = identities.iter().map(|i| i.email.as_deref()).collect();
+    let verified: Vec<bool> = identities.iter().map(|i| i.email_verified).collect();
+    let login_at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.last_login_at).collect();
+    let connection_ids: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.connection_id.as_deref())
+        .collect();
+    let connection_groups: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| serde_json::json!(i.connection_groups))
+        .collect();
+    let audiences: Vec<Option<&str>> = identities.iter().map(|i| i.audience.as_deref()).collect();
+    sqlx::query!(
+        r#"
+        UPDATE external_identities ei SET
+            groups = ARRAY(SELECT jsonb_array_elements_text(d.groups)),
+            email = d.email, email_verified = d.verified,
+            last_login_at = GREATEST(ei.last_login_at, d.login_at),
+            connection_id = d.connection_id,
+            connection_groups = ARRAY(SELECT jsonb_array_elements_text(d.connection_groups)),
+            audience = d.audience
+        FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::bool[], $6::timestamptz[],
+                    $7::text[], $8::jsonb[], $9::text[])
+            AS d(provider, subject, groups, email, verified, login_at, connection_id,
+                 connection_groups, audience)
+        WHERE ei.provider = d.provider AND ei.subject = d.subject
+        "#,
+        &providers as &[&str],
+        &subjects as &[&str],
+        &groups,
+        &emails as &[Option<&str>],
+        &verified,
+        &login_at,
+        &connection_ids as &[Option<&str>],
+        &connection_groups,
+        &audiences as &[Option<&str>],
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 #[derive(Debug, Clone)]
 pub struct DeviceSighting {
     pub user_id: Uuid,
     pub device_id: String,
     pub user_agent: Option<String>,
     pub seen_at: DateTime<Utc>,
+}
+
+/// Records devices with first / last seen. `devices` must not repeat a (user, device).
+pub async fn upsert_devices(
+    conn: &mut PgConnection,
+    devices: &[DeviceSighting],
+) -> Result<(), sqlx::Error> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<Uuid> = devices.iter().map(|d| d.user_id).collect();
+    let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
+    let agents: Vec<Option<&str>> = devices.iter().map(|d| d.user_agent.as_deref()).collect();
+    let seen: Vec<DateTime<Utc>> = devices.iter().map(|d| d.seen_at).collect();
+    sqlx::query!(
+        r#"
+        INSERT INTO devices (user_id, device_id, user_agent, first_seen_at, last_seen_at)
+        SELECT u, d, a, s, s FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS x(u, d, a, s)
+        ON CONFLICT (user_id, device_id) DO UPDATE SET
+            user_agent = COALESCE(EXCLUDED.user_agent, devices.user_agent),
+            first_seen_at = LEAST(devices.first_seen_at, EXCLUDED.first_seen_at),
+            last_seen_at = GREATEST(devices.last_seen_at, EXCLUDED.last_seen_at)
+        "#,
+        &users,
+        &ids as &[&str],
+        &agents as &[Option<&str>],
+        &seen,
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
