@@ -298,7 +298,7 @@ impl Default for ConsumerConfig {
             retry_max_ms: 30_000,
             unready_after_failures: 5,
             fetch_wait_max_ms: 10,
-            prefetch_kbytes_per_partition: 2048,
+            prefetch_kbytes_per_partition: 1024,
             fetch_queue_backoff_ms: 10,
         }
     }

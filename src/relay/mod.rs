@@ -229,7 +229,14 @@ async fn cleanup(config: &Config, pool: &PgPool) {
 }
 
 /// A row's delivery outcome: acknowledged (and when), or not delivered.
-type Delivered = (outbox::Pending, Option<chrono::DateTime<chrono::Utc>>);
+type Delivered = (Sent, Option<chrono::DateTime<chrono::Utc>>);
+
+/// What the relay keeps of a row once librdkafka holds its copy (not the payload).
+struct Sent {
+    id: i64,
+    topic: String,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
 
 /// Whether a read returned as many rows as it asked for (more may be waiting).
 #[derive(Debug, PartialEq, Eq)]
@@ -349,7 +356,14 @@ fn send_round(
                 None
             }
         };
-        deliveries.push((row, delivery));
+        deliveries.push((
+            Sent {
+                id: row.id,
+                topic: row.topic,
+                created_at: row.created_at,
+            },
+            delivery,
+        ));
     }
     async move {
         let outcomes = join_all(deliveries.into_iter().map(|(row, d)| async move {
