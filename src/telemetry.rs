@@ -32,6 +32,13 @@ pub fn init_tracing(config: &LogConfig) {
     };
 }
 
+/// Buckets of the end-to-end delay histograms: fine below 100 ms (latency targets), coarse
+/// up to a minute (backlogs).
+const DELAY_BUCKETS: &[f64] = &[
+    0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
+    3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+];
+
 /// Every metric authsync exports, registered in its own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -108,10 +115,7 @@ impl Metrics {
                 "consume_delay_seconds",
                 "Time from a message's Kafka timestamp to the start of the batch that applies it",
             )
-            .buckets(vec![
-                0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
-            ]),
+            .buckets(DELAY_BUCKETS.to_vec()),
             &["topic"],
         )
         .unwrap_or_else(|e| panic!("metric consume_delay_seconds: {e}"));
@@ -136,10 +140,7 @@ impl Metrics {
                 "outbox_publish_delay_seconds",
                 "Time from the start of the transaction that wrote a result to its broker ack",
             )
-            .buckets(vec![
-                0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
-            ]),
+            .buckets(DELAY_BUCKETS.to_vec()),
         )
         .unwrap_or_else(|e| panic!("metric outbox_publish_delay_seconds: {e}"));
         let gauge = |name: &str, help: &str| {

@@ -22,6 +22,21 @@ fn row(n: u32, key: &str, topic: &str) -> NewMessage {
     }
 }
 
+/// Runs a relay on the harness's database until `token` is cancelled.
+fn spawn_relay(
+    h: &Harness,
+    metrics: &Metrics,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), relay::RelayError>> {
+    let (config, pool, metrics, token) = (
+        h.config.clone(),
+        h.db.pool.clone(),
+        metrics.clone(),
+        token.clone(),
+    );
+    tokio::spawn(async move { relay::run(&config, pool, metrics, token).await })
+}
+
 /// watermill's TestNotMissingMessages, for our relay: a transaction that started first but
 /// commits last is neither skipped nor overtaken; a rolled-back one never appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,15 +61,7 @@ async fn late_commit_is_published_in_order_and_rollback_never() {
 
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
-    let relay_task = {
-        let (config, pool, metrics, token) = (
-            h.config.clone(),
-            h.db.pool.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move { relay::run(&config, pool, metrics, token).await })
-    };
+    let relay_task = spawn_relay(&h, &metrics, &shutdown);
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
         h.db.count("SELECT count(*) FROM outbox").await,
@@ -127,10 +134,7 @@ async fn relay_waits_out_a_broker_outage_and_loses_nothing() {
     drop(conn);
     h.config.relay.enabled = true;
     let shutdown = CancellationToken::new();
-    let relay_task = {
-        let (config, pool, token) = (h.config.clone(), h.db.pool.clone(), shutdown.clone());
-        tokio::spawn(async move { relay::run(&config, pool, Metrics::new(), token).await })
-    };
+    let relay_task = spawn_relay(&h, &Metrics::new(), &shutdown);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         h.db.count("SELECT count(*) FROM outbox").await,
@@ -181,15 +185,7 @@ async fn only_one_relay_leads_and_retention_forgets_emitted_ids() {
     let (m1, m2) = (Metrics::new(), Metrics::new());
     let mut tasks = Vec::new();
     for m in [&m1, &m2] {
-        let (config, pool, metrics, token) = (
-            h.config.clone(),
-            h.db.pool.clone(),
-            m.clone(),
-            shutdown.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            relay::run(&config, pool, metrics, token).await
-        }));
+        tasks.push(spawn_relay(&h, m, &shutdown));
     }
     wait_for("a leader", || async {
         m1.relay_leader.get() + m2.relay_leader.get() == 1
@@ -329,15 +325,7 @@ async fn pipelined_relay_publishes_concurrent_commits_once_in_key_order() {
     h.config.relay.enabled = true;
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
-    let relay_task = {
-        let (config, pool, metrics, token) = (
-            h.config.clone(),
-            h.db.pool.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move { relay::run(&config, pool, metrics, token).await })
-    };
+    let relay_task = spawn_relay(&h, &metrics, &shutdown);
     let (writers, per_writer) = (4u32, 300u32);
     let mut tasks = Vec::new();
     for w in 0..writers {
