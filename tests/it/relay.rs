@@ -381,3 +381,38 @@ async fn pipelined_relay_publishes_concurrent_commits_once_in_key_order() {
         total as u64
     );
 }
+
+/// A batch larger than one insert statement's payload budget goes in several statements:
+/// still in order, still skipping ids emitted before and ids repeated across the chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_outbox_insert_keeps_order_and_skips_repeats_across_statements() {
+    let h = Harness::new().await;
+    let topic = h.config.topics.user_events.clone();
+    let big = |n: u32| {
+        let mut m = row(n, "k", &topic);
+        // ~2 KiB each: 600 of them are more than two statements' worth.
+        m.payload = format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(2048)).into_bytes();
+        m
+    };
+    let mut conn = h.db.pool.acquire().await.expect("conn");
+    let early = big(0);
+    outbox::insert(&mut conn, std::slice::from_ref(&early))
+        .await
+        .expect("insert early");
+    let mut batch: Vec<NewMessage> = (1..600).map(big).collect();
+    batch.insert(0, early.clone()); // emitted before: skipped
+    let repeat = batch[450].clone(); // repeated in a later chunk: skipped
+    batch.push(repeat);
+    let inserted = outbox::insert(&mut conn, &batch)
+        .await
+        .expect("insert batch");
+    assert_eq!(inserted, 599, "only the 599 new ids");
+    let ns: Vec<i64> = sqlx::query_scalar(
+        "SELECT (convert_from(payload, 'UTF8')::jsonb ->> 'n')::int8 FROM outbox ORDER BY id",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .expect("read");
+    let expected: Vec<i64> = (0..600).collect();
+    assert_eq!(ns, expected, "one row per id, in insertion order");
+}
