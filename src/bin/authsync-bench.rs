@@ -60,6 +60,8 @@ struct Bench {
     args: Args,
     brokers: String,
     authsync_bin: std::path::PathBuf,
+    /// The tansu process the bench started (none with `--brokers`).
+    broker_pid: Option<u32>,
 }
 
 struct Db {
@@ -312,6 +314,7 @@ impl Bench {
         db: &Db,
         processed: u64,
     ) -> anyhow::Result<PipelineRun> {
+        let broker_cpu_before = self.broker_pid.map(cpu_secs);
         let mut child = self.spawn_worker(config)?;
         let pid = child.id();
         let addr = config.http.listen;
@@ -344,7 +347,11 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let rss = peak_rss(pid);
-        let cpu = Cpu::of(pid, db).await;
+        let mut cpu = Cpu::of(pid, db).await;
+        cpu.broker_secs = self
+            .broker_pid
+            .zip(broker_cpu_before)
+            .map(|(p, before)| cpu_secs(p) - before);
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
@@ -360,6 +367,7 @@ impl Bench {
             p99_ms: w.delay_p99_ms,
             batch_avg_size: w.batch_avg_size,
             batch_avg_ms: w.batch_avg_ms,
+            batch_total_secs: w.batch_total_secs,
         })
     }
 
@@ -494,6 +502,8 @@ struct WorkerStats {
     batch_avg_size: f64,
     batch_avg_ms: f64,
     batch_p99_ms: f64,
+    /// Seconds spent in batches, all partitions together.
+    batch_total_secs: f64,
 }
 
 impl WorkerStats {
@@ -512,6 +522,7 @@ impl WorkerStats {
                 / batches,
             batch_p99_ms: histogram_quantile(metrics, "authsync_batch_duration_seconds", 0.99)
                 * 1000.0,
+            batch_total_secs: sum_metric(metrics, "authsync_batch_duration_seconds_sum"),
         }
     }
 }
@@ -528,6 +539,9 @@ struct PipelineRun {
     /// Where a batch's time goes: its size and its transaction time (retries included).
     batch_avg_size: f64,
     batch_avg_ms: f64,
+    /// Seconds spent in batches, all partitions together (over `secs`: how many partitions
+    /// were busy on average).
+    batch_total_secs: f64,
     cpu: Cpu,
     /// Events the run handled (or, for the relay alone, rows it published).
     events: usize,
@@ -539,16 +553,20 @@ impl PipelineRun {
             serde_json::json!({
                 "batch_avg_size": self.batch_avg_size.round(),
                 "batch_avg_ms": (self.batch_avg_ms * 10.0).round() / 10.0,
+                "batches_in_flight_avg":
+                    (self.batch_total_secs / self.secs.max(1e-9) * 100.0).round() / 100.0,
             }),
             self.cpu.json(self.events),
         )
     }
 }
 
-/// CPU time of the worker process and of its Postgres backends, over the worker's life.
+/// CPU time of the worker process and of its Postgres backends, over the worker's life,
+/// and of the broker over the same span (when the bench started it).
 struct Cpu {
     worker_secs: f64,
     postgres_secs: f64,
+    broker_secs: Option<f64>,
 }
 
 impl Cpu {
@@ -556,6 +574,7 @@ impl Cpu {
         Self {
             worker_secs: cpu_secs(pid),
             postgres_secs: db.worker_backends_cpu_secs().await,
+            broker_secs: None,
         }
     }
 
@@ -565,6 +584,7 @@ impl Cpu {
         serde_json::json!({
             "worker_cpu_us_per_event": per_event(self.worker_secs),
             "postgres_cpu_us_per_event": per_event(self.postgres_secs),
+            "broker_cpu_us_per_event": self.broker_secs.map(per_event),
         })
     }
 }
@@ -1233,6 +1253,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("cannot build the authsync binary");
     }
     let mut broker = Broker(None);
+    let mut broker_pid = None;
     let brokers = match &args.brokers {
         Some(b) => b.clone(),
         None => {
@@ -1251,6 +1272,7 @@ async fn main() -> anyhow::Result<()> {
                 .stderr(Stdio::null())
                 .spawn()
                 .context("start tansu (cargo install tansu --version 0.6.0 --locked --features dynostore), or pass --brokers")?;
+            broker_pid = Some(child.id());
             broker.0 = Some(child);
             tokio::time::sleep(Duration::from_millis(500)).await;
             format!("127.0.0.1:{port}")
@@ -1260,6 +1282,7 @@ async fn main() -> anyhow::Result<()> {
         args,
         brokers,
         authsync_bin,
+        broker_pid,
     };
     let scenario = bench.args.scenario.clone();
     let ev = bench.args.events;
