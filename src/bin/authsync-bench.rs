@@ -347,11 +347,11 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let rss = peak_rss(pid);
-        let mut cpu = Cpu::of(pid, db).await;
-        cpu.broker_secs = self
+        let broker_secs = self
             .broker_pid
             .zip(broker_cpu_before)
             .map(|(p, before)| cpu_secs(p) - before);
+        let cpu = Cpu::of(pid, db, broker_secs).await;
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
@@ -570,11 +570,11 @@ struct Cpu {
 }
 
 impl Cpu {
-    async fn of(pid: u32, db: &Db) -> Self {
+    async fn of(pid: u32, db: &Db, broker_secs: Option<f64>) -> Self {
         Self {
             worker_secs: cpu_secs(pid),
             postgres_secs: db.worker_backends_cpu_secs().await,
-            broker_secs: None,
+            broker_secs,
         }
     }
 
@@ -1101,7 +1101,7 @@ impl Bench {
         }
         sender.await?;
         let rss = peak_rss(pid);
-        let cpu = Cpu::of(pid, &db).await;
+        let cpu = Cpu::of(pid, &db, None).await;
         // The worker's own view: transaction start -> broker ack, and batch sizes / times.
         let worker = scrape(config.http.listen).await.unwrap_or_default();
         let w = WorkerStats::of(&worker);
@@ -1253,7 +1253,6 @@ async fn main() -> anyhow::Result<()> {
         bail!("cannot build the authsync binary");
     }
     let mut broker = Broker(None);
-    let mut broker_pid = None;
     let brokers = match &args.brokers {
         Some(b) => b.clone(),
         None => {
@@ -1272,7 +1271,6 @@ async fn main() -> anyhow::Result<()> {
                 .stderr(Stdio::null())
                 .spawn()
                 .context("start tansu (cargo install tansu --version 0.6.0 --locked --features dynostore), or pass --brokers")?;
-            broker_pid = Some(child.id());
             broker.0 = Some(child);
             tokio::time::sleep(Duration::from_millis(500)).await;
             format!("127.0.0.1:{port}")
@@ -1282,7 +1280,7 @@ async fn main() -> anyhow::Result<()> {
         args,
         brokers,
         authsync_bin,
-        broker_pid,
+        broker_pid: broker.0.as_ref().map(Child::id),
     };
     let scenario = bench.args.scenario.clone();
     let ev = bench.args.events;
