@@ -256,15 +256,15 @@ impl TopicsConfig {
 pub struct ConsumerConfig {
     /// Most messages applied in one Postgres transaction (per partition).
     pub batch_size: usize,
-    /// Longest a fetched message waits for more before its partial batch is applied,
-    /// counted from its fetch (one that queued behind the previous batch goes at once).
+    /// Longest a message that arrives on an idle partition waits for more before its
+    /// partial batch is applied (messages that queued behind the previous batch go at once).
     pub batch_linger_ms: u64,
     /// Largest accepted message value; larger ones are dead-lettered (`too_large`).
     pub max_message_bytes: usize,
-    /// Messages queued per partition. A message for a full queue waits in an overflow
-    /// shared by all partitions (up to 4 x this many messages) so the others keep being
-    /// fed; when the overflow is full, fetching waits (back-pressure).
-    pub partition_buffer: usize,
+    /// Batches applied at the same time, all partitions together. Each partition has its
+    /// own task; beyond the database's cores more concurrent batches only add lock and CPU
+    /// contention, and each one holds its rows, statements and result sets in memory.
+    pub max_batches_in_flight: usize,
     /// On shutdown or revocation, how long in-flight batches may take to finish.
     pub drain_timeout_ms: u64,
     /// First delay of the transient-failure retry (exponential, with jitter).
@@ -277,9 +277,15 @@ pub struct ConsumerConfig {
     /// Low values cut latency on a trickle of events at the cost of more fetch requests.
     pub fetch_wait_max_ms: u64,
     /// librdkafka `queued.max.messages.kbytes`: pre-fetched data kept per assigned
-    /// partition. Memory grows with it times the partitions a replica owns; larger values
-    /// speed up replays (duplicates are cheap, fetching is not).
+    /// partition, in the partition's own queue (the only buffer before its batches; a full
+    /// queue stops that partition's fetching). Memory grows with it times the partitions a
+    /// replica owns; larger values speed up replays (duplicates are cheap, fetching is not).
     pub prefetch_kbytes_per_partition: u64,
+    /// Most data one fetch response brings (librdkafka `fetch.max.bytes` and
+    /// `max.partition.fetch.bytes`; the broker still sends at least one record batch).
+    /// Fetched batches are decompressed in memory, so with every partition fetching, this
+    /// times the compression ratio bounds what a partition holds beyond its pre-fetch.
+    pub fetch_max_kbytes: u64,
     /// librdkafka `fetch.queue.backoff.ms`: how long a partition's fetching pauses once its
     /// pre-fetch queue is full. librdkafka's 1000 ms default idles the pipeline for up to a
     /// second whenever the worker catches up (replays ran at 48k/s instead of 114k/s).
@@ -292,13 +298,14 @@ impl Default for ConsumerConfig {
             batch_size: 500,
             batch_linger_ms: 5,
             max_message_bytes: 1024 * 1024,
-            partition_buffer: 2_000,
+            max_batches_in_flight: 4,
             drain_timeout_ms: 25_000,
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
             unready_after_failures: 5,
             fetch_wait_max_ms: 10,
             prefetch_kbytes_per_partition: 1024,
+            fetch_max_kbytes: 256,
             fetch_queue_backoff_ms: 10,
         }
     }
@@ -537,10 +544,12 @@ impl Config {
                 ),
             ));
         }
-        if self.consumer.partition_buffer < self.consumer.batch_size {
+        if self.consumer.max_batches_in_flight == 0
+            || self.consumer.max_batches_in_flight >= self.database.max_connections as usize
+        {
             return Err(invalid(
-                "consumer.partition_buffer",
-                "must be at least consumer.batch_size",
+                "consumer.max_batches_in_flight",
+                "must be at least 1 and below database.max_connections (the relay and /readyz need connections too)",
             ));
         }
         if self.consumer.retry_initial_ms == 0
@@ -555,6 +564,12 @@ impl Config {
             return Err(invalid(
                 "consumer.prefetch_kbytes_per_partition",
                 "must be between 256 and 1048576",
+            ));
+        }
+        if !(1..=1_048_576).contains(&self.consumer.fetch_max_kbytes) {
+            return Err(invalid(
+                "consumer.fetch_max_kbytes",
+                "must be between 1 and 1048576",
             ));
         }
         if self.consumer.fetch_queue_backoff_ms > 60_000 {
@@ -696,6 +711,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("database.url"), "{err}");
+
+        // Batches in flight would take every connection the relay and /readyz need.
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("AUTHSYNC_CONSUMER_MAX_BATCHES_IN_FLIGHT", "8"),
+                ("AUTHSYNC_DATABASE_MAX_CONNECTIONS", "8"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("consumer.max_batches_in_flight"), "{err}");
     }
 
     #[test]

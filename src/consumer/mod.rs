@@ -1,19 +1,28 @@
-//! The Kafka side of the pipeline: fetch, hand each partition's messages to its own task,
-//! apply them in micro-batches, store the offsets only after the batch's transaction has
-//! committed. The pipeline knows nothing about users: a [`BatchHandler`] per topic does.
+//! The Kafka side of the pipeline: each assigned partition gets its own librdkafka queue
+//! and its own task, which applies the partition's messages in micro-batches and stores the
+//! offset only after the batch's transaction has committed. The pipeline knows nothing about
+//! users: a [`BatchHandler`] per topic does.
+//!
+//! Why a queue per partition: librdkafka stops fetching a partition when *its* queue holds
+//! `queued.max.messages.kbytes`. With every partition forwarded into the one consumer queue,
+//! the check counts the shared queue, so one partition's backlog stopped the fetching of all
+//! the others and partitions were applied one after another (1.4 of 6 busy on average).
+//! A split queue also gives back-pressure per partition without any buffer of our own.
 //!
 //! Offsets: `enable.auto.offset.store=false`; after a commit the task stores `last + 1` and
 //! librdkafka's auto-commit sends it. On revocation and on shutdown in-flight batches drain
 //! (bounded by `consumer.drain_timeout_ms`) and stored offsets are committed synchronously.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -21,7 +30,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -68,19 +77,51 @@ pub enum ConsumerError {
         #[source]
         source: KafkaError,
     },
+    /// Its messages would arrive on the shared queue, out of reach of the partition's task.
+    #[error("partition {topic}[{partition}] got no queue of its own from librdkafka")]
+    Unsplit { topic: String, partition: i32 },
 }
 
 type PartitionKey = (String, i32);
 
-/// Shared between the fetch loop, the partition's task and the rebalance callback.
+/// One assignment of one partition, shared by its task and the rebalance callback.
+/// A new assignment gets a new state, so a batch gathered under an earlier one is
+/// recognised as stale.
 struct PartitionState {
     busy: AtomicBool,
-    /// Set on revocation: the task stops after its current batch and drops its queue.
+    /// Set on revocation: a batch not yet started is dropped, a running one finishes.
     revoked: AtomicBool,
     /// Cancelled when the task must abandon even its current batch (drain deadline passed).
     abort: CancellationToken,
 }
 
+impl PartitionState {
+    fn new(abort: CancellationToken) -> Self {
+        Self {
+            busy: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+            abort,
+        }
+    }
+
+    /// Marks the start of a batch; false when the assignment was revoked meanwhile.
+    /// Paired with the callback's store of `revoked` before it reads `busy` (both SeqCst):
+    /// either the task sees the revocation or the callback sees the batch and waits for it.
+    fn begin_batch(&self) -> bool {
+        self.busy.store(true, Ordering::SeqCst);
+        if self.revoked.load(Ordering::SeqCst) {
+            self.busy.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn end_batch(&self) {
+        self.busy.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The current assignment of each partition.
 #[derive(Default)]
 struct Partitions {
     by_key: Mutex<HashMap<PartitionKey, Arc<PartitionState>>>,
@@ -90,10 +131,8 @@ impl Partitions {
     fn get(&self, key: &PartitionKey) -> Option<Arc<PartitionState>> {
         self.by_key.lock().ok()?.get(key).cloned()
     }
-    fn insert(&self, key: PartitionKey, state: Arc<PartitionState>) {
-        if let Ok(mut map) = self.by_key.lock() {
-            map.insert(key, state);
-        }
+    fn insert(&self, key: PartitionKey, state: Arc<PartitionState>) -> Option<Arc<PartitionState>> {
+        self.by_key.lock().ok()?.insert(key, state)
     }
     fn remove(&self, key: &PartitionKey) -> Option<Arc<PartitionState>> {
         self.by_key.lock().ok()?.remove(key)
@@ -109,7 +148,7 @@ impl Partitions {
 /// Waits until no listed partition has a batch in flight, or the deadline passes.
 fn wait_idle(states: &[Arc<PartitionState>], deadline: Instant) -> bool {
     loop {
-        if states.iter().all(|s| !s.busy.load(Ordering::Acquire)) {
+        if states.iter().all(|s| !s.busy.load(Ordering::SeqCst)) {
             return true;
         }
         if Instant::now() >= deadline {
@@ -119,9 +158,28 @@ fn wait_idle(states: &[Arc<PartitionState>], deadline: Instant) -> bool {
     }
 }
 
-/// Rebalance hooks: drain revoked partitions before they go to another consumer.
+type PipelineConsumer = StreamConsumer<PipelineContext>;
+type PartitionQueue = StreamPartitionQueue<PipelineContext>;
+
+/// What the rebalance callback hands to the consume loop.
+enum Assigned {
+    /// A partition assigned for the first time: its queue, for a new task.
+    Queue(PartitionKey, PartitionQueue),
+    /// librdkafka gave no queue for it; its messages would go to the shared queue.
+    Unsplit(PartitionKey),
+}
+
+/// Rebalance hooks: give new partitions their own queue before their fetch starts, drain
+/// revoked partitions before they go to another consumer.
 pub struct PipelineContext {
     partitions: Arc<Partitions>,
+    /// Partitions whose queue is already split off (a split lasts for the client's life).
+    split: Mutex<HashSet<PartitionKey>>,
+    /// Set once the consumer exists; splitting needs the `Arc`.
+    consumer: OnceLock<Weak<PipelineConsumer>>,
+    assigned: mpsc::UnboundedSender<Assigned>,
+    /// Parent of every assignment's abort token.
+    hard_abort: CancellationToken,
     drain_timeout: Duration,
     metrics: Metrics,
 }
@@ -139,11 +197,42 @@ impl ClientContext for PipelineContext {
     }
 }
 
-impl ConsumerContext for PipelineContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
-        };
+impl PipelineContext {
+    /// Runs before librdkafka starts fetching the assigned partitions, so the split happens
+    /// before any of their messages reach the shared queue (no message changes queue, so
+    /// none is reordered). The state goes in first: a message popped without one is dropped.
+    fn on_assign(&self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            let key: PartitionKey = (e.topic().to_string(), e.partition());
+            let state = Arc::new(PartitionState::new(self.hard_abort.child_token()));
+            if let Some(stale) = self.partitions.insert(key.clone(), state) {
+                // Assignment lost without a revocation: its unstarted batches are stale.
+                stale.revoked.store(true, Ordering::SeqCst);
+            }
+            let Ok(mut split) = self.split.lock() else {
+                continue;
+            };
+            if split.contains(&key) {
+                continue;
+            }
+            let queue = self
+                .consumer
+                .get()
+                .and_then(Weak::upgrade)
+                .and_then(|c| c.split_partition_queue(&key.0, key.1));
+            let event = match queue {
+                Some(queue) => {
+                    split.insert(key.clone());
+                    Assigned::Queue(key, queue)
+                }
+                None => Assigned::Unsplit(key),
+            };
+            // The receiver only goes away after the consume loop has stopped.
+            let _ = self.assigned.send(event);
+        }
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let revoked: Vec<Arc<PartitionState>> = tpl
             .elements()
             .iter()
@@ -153,11 +242,11 @@ impl ConsumerContext for PipelineContext {
             })
             .collect();
         for state in &revoked {
-            state.revoked.store(true, Ordering::Release);
+            state.revoked.store(true, Ordering::SeqCst);
         }
         let deadline = Instant::now() + self.drain_timeout;
-        // This callback runs inside the fetch loop's poll; let the runtime move other tasks
-        // (the partition tasks we wait for) off this thread while we block.
+        // This callback runs inside the consume loop's poll; let the runtime move other
+        // tasks (the partition tasks we wait for) off this thread while we block.
         let drained = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
                 tokio::task::block_in_place(|| wait_idle(&revoked, deadline))
@@ -180,6 +269,16 @@ impl ConsumerContext for PipelineContext {
         }
         tracing::info!(partitions = tpl.count(), "partitions revoked");
     }
+}
+
+impl ConsumerContext for PipelineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.on_assign(tpl),
+            Rebalance::Revoke(tpl) => self.on_revoke(consumer, tpl),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
@@ -201,10 +300,9 @@ impl ConsumerContext for PipelineContext {
     }
 }
 
-type PipelineConsumer = StreamConsumer<PipelineContext>;
-
 /// The consumer settings authsync relies on; user properties cannot override them.
 pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
+    let fetch_bytes = config.consumer.fetch_max_kbytes * 1024;
     let mut cc = client_config(&config.kafka);
     cc.set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "true")
@@ -217,8 +315,8 @@ pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
             config.kafka.session_timeout_ms.to_string(),
         )
         .set("enable.partition.eof", "false")
-        // Bound what librdkafka pre-fetches: the limit is per partition (16 MiB x 6
-        // partitions was most of the worker's memory); the partition queues bound the rest.
+        // Per partition, since each partition has its own queue: the only buffer between
+        // the broker and the batches, so it is both the memory bound and the back-pressure.
         .set(
             "queued.max.messages.kbytes",
             config.consumer.prefetch_kbytes_per_partition.to_string(),
@@ -226,6 +324,15 @@ pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
         .set(
             "fetch.wait.max.ms",
             config.consumer.fetch_wait_max_ms.to_string(),
+        )
+        // Small responses: every partition fetches, and each holds a response's share,
+        // decompressed (lz4 JSON: ~9x), until its task has taken it. librdkafka wants
+        // `message.max.bytes` (a request limit, irrelevant to this consumer) below it.
+        .set("fetch.max.bytes", fetch_bytes.to_string())
+        .set("max.partition.fetch.bytes", fetch_bytes.to_string())
+        .set(
+            "message.max.bytes",
+            fetch_bytes.clamp(1000, 1_000_000).to_string(),
         )
         .set(
             "fetch.queue.backoff.ms",
@@ -257,64 +364,86 @@ fn to_input(message: &BorrowedMessage<'_>) -> InputMessage {
     }
 }
 
-/// A message on its way to its partition's task, with when it was fetched.
-type Queued = (Instant, InputMessage);
-
-/// Everything a partition task needs.
-struct Worker {
+/// One partition's task: takes micro-batches off the partition's queue and applies them,
+/// for as long as the process runs (across revocations and re-assignments).
+struct PartitionWorker {
     key: PartitionKey,
-    state: Arc<PartitionState>,
+    partitions: Arc<Partitions>,
     handler: Arc<dyn BatchHandler>,
     consumer: Arc<PipelineConsumer>,
     config: ConsumerConfig,
     metrics: Metrics,
     health: Arc<Health>,
+    /// Batches applied at once, all partitions together (`consumer.max_batches_in_flight`).
+    in_flight: Arc<Semaphore>,
 }
 
-impl Worker {
-    async fn run(self, mut rx: mpsc::Receiver<Queued>) {
+impl PartitionWorker {
+    async fn run(self, queue: PartitionQueue, shutdown: CancellationToken) {
         let linger = Duration::from_millis(self.config.batch_linger_ms);
+        let consumed = self.metrics.consumed.with_label_values(&[&self.key.0]);
         loop {
-            let first = tokio::select! {
-                biased;
-                _ = self.state.abort.cancelled() => break,
-                m = rx.recv() => m,
+            // A message that was already queued (it waited behind the previous batch) goes
+            // at once with whatever else is queued; one awaited on an idle partition waits
+            // up to `linger` for company.
+            let (first, waited) = match queue.recv().now_or_never() {
+                Some(received) => (received, false),
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    received = queue.recv() => (received, true),
+                },
             };
-            let Some((queued_at, first)) = first else {
+            if shutdown.is_cancelled() {
                 break;
+            }
+            let first = match first {
+                Ok(m) => to_input(&m),
+                Err(e) => {
+                    tracing::warn!(topic = %self.key.0, partition = self.key.1, error = %e, "Kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            consumed.inc();
+            // No state: the partition was revoked after this message was fetched; its next
+            // owner reads it again from the committed offset.
+            let Some(state) = self.partitions.get(&self.key) else {
+                continue;
             };
             let mut batch = Vec::with_capacity(self.config.batch_size.min(1024));
             batch.push(first);
-            // A message waits at most `linger` for company, counted from when it was queued:
-            // one that waited behind the previous batch goes at once, with what is queued.
-            let deadline = tokio::time::Instant::from_std(queued_at + linger);
+            let deadline =
+                tokio::time::Instant::now() + if waited { linger } else { Duration::ZERO };
             while batch.len() < self.config.batch_size {
-                match rx.try_recv() {
-                    Ok((_, m)) => batch.push(m),
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some((_, m))) => batch.push(m),
-                            _ => break,
-                        }
+                // `timeout_at` polls first: queued messages are taken even past the deadline.
+                match tokio::time::timeout_at(deadline, queue.recv()).await {
+                    Ok(Ok(m)) => {
+                        consumed.inc();
+                        batch.push(to_input(&m));
                     }
+                    Ok(Err(e)) => {
+                        tracing::warn!(topic = %self.key.0, partition = self.key.1, error = %e, "Kafka consumer error");
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
-            if self.state.revoked.load(Ordering::Acquire) {
+            // Waiting here is not a batch in flight: a revocation meanwhile drops the batch.
+            let Ok(_permit) = self.in_flight.acquire().await else {
                 break;
+            };
+            if !state.begin_batch() {
+                continue;
             }
-            self.state.busy.store(true, Ordering::Release);
-            let applied = self.apply(&batch).await;
-            self.state.busy.store(false, Ordering::Release);
-            if !applied {
-                break;
-            }
+            self.apply(&state, &batch).await;
+            state.end_batch();
         }
     }
 
     /// Applies a batch, retrying transient failures until it commits; then stores the
-    /// offset. Returns false when the batch was abandoned (revocation deadline, abort).
-    async fn apply(&self, batch: &[InputMessage]) -> bool {
+    /// offset. Gives up only when the assignment's abort token fires (drain deadline).
+    async fn apply(&self, state: &PartitionState, batch: &[InputMessage]) {
         let started = Instant::now();
         let topic = self.key.0.as_str();
         // Producer clock → now: broker hop, fetch wait, queueing and batch linger together.
@@ -342,17 +471,17 @@ impl Worker {
         });
         let report = tokio::select! {
             biased;
-            _ = self.state.abort.cancelled() => return false,
+            _ = state.abort.cancelled() => return,
             r = retried => match r {
                 Ok(report) => report,
-                Err(_) => return false, // without_max_times: not reached
+                Err(_) => return, // without_max_times: not reached
             },
         };
         self.health.failing_batches.store(0, Ordering::Relaxed);
 
         // The transaction committed: now, and only now, the offset may move.
         let Some(last) = batch.last() else {
-            return true;
+            return;
         };
         let mut tpl = TopicPartitionList::new();
         if tpl
@@ -391,110 +520,6 @@ impl Worker {
         if report.isolated {
             m.isolated_batches.inc();
         }
-        true
-    }
-}
-
-/// Hands fetched messages to the partition queues without head-of-line blocking.
-///
-/// librdkafka delivers long runs of one partition (a fetch response per partition). When
-/// that partition's queue is full, waiting for it would starve the other partitions, whose
-/// queues drain meanwhile (measured: a third of the CPU idle). Instead the message waits in
-/// a bounded overflow, in order per partition, and the loop goes on feeding the others; it
-/// waits only when the overflow is full, and then for whichever queue frees a slot first.
-struct Dispatcher {
-    senders: HashMap<PartitionKey, mpsc::Sender<Queued>>,
-    overflow: HashMap<PartitionKey, VecDeque<Queued>>,
-    /// Messages in `overflow`, all partitions.
-    overflowed: usize,
-    /// Bound of `overflowed`.
-    limit: usize,
-}
-
-impl Dispatcher {
-    fn new(limit: usize) -> Self {
-        Self {
-            senders: HashMap::new(),
-            overflow: HashMap::new(),
-            overflowed: 0,
-            limit,
-        }
-    }
-
-    fn is_live(&self, key: &PartitionKey) -> bool {
-        self.senders.get(key).is_some_and(|s| !s.is_closed())
-    }
-
-    /// A new queue for `key`; overflow left from an earlier assignment is dropped (those
-    /// messages are fetched again from the committed offset, in order).
-    fn register(&mut self, key: PartitionKey, tx: mpsc::Sender<Queued>) {
-        if let Some(stale) = self.overflow.remove(&key) {
-            self.overflowed -= stale.len();
-        }
-        self.senders.insert(key, tx);
-    }
-
-    fn dispatch(&mut self, key: PartitionKey, message: Queued) {
-        let Some(tx) = self.senders.get(&key) else {
-            return;
-        };
-        let queue = self.overflow.entry(key).or_default();
-        if queue.is_empty() {
-            match tx.try_send(message) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(message)) => queue.push_back(message),
-            }
-        } else {
-            queue.push_back(message);
-        }
-        self.overflowed += 1;
-    }
-
-    /// Moves overflow into queues that have room; never waits.
-    fn flush(&mut self) {
-        if self.overflowed == 0 {
-            return;
-        }
-        for (key, queue) in &mut self.overflow {
-            let Some(tx) = self.senders.get(key) else {
-                self.overflowed -= queue.len();
-                queue.clear();
-                continue;
-            };
-            while let Some(message) = queue.pop_front() {
-                match tx.try_send(message) {
-                    Ok(()) => self.overflowed -= 1,
-                    Err(mpsc::error::TrySendError::Full(message)) => {
-                        queue.push_front(message);
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        // Revoked: the next owner fetches these again.
-                        self.overflowed -= queue.len() + 1;
-                        queue.clear();
-                    }
-                }
-            }
-        }
-    }
-
-    fn is_full(&self) -> bool {
-        self.overflowed >= self.limit
-    }
-
-    /// Resolves once a partition with overflow has room in its queue.
-    async fn room(&self) {
-        let waits: Vec<_> = self
-            .overflow
-            .iter()
-            .filter(|(_, queue)| !queue.is_empty())
-            .filter_map(|(key, _)| self.senders.get(key))
-            .map(|tx| Box::pin(tx.reserve()))
-            .collect();
-        if !waits.is_empty() {
-            // The permit is released at once; `flush` then takes the slot.
-            let _ = futures::future::select_all(waits).await;
-        }
     }
 }
 
@@ -507,8 +532,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
     let partitions = Arc::new(Partitions::default());
+    let hard_abort = CancellationToken::new();
+    let (assigned_tx, mut assigned) = mpsc::unbounded_channel();
     let context = PipelineContext {
         partitions: partitions.clone(),
+        split: Mutex::new(HashSet::new()),
+        consumer: OnceLock::new(),
+        assigned: assigned_tx,
+        hard_abort: hard_abort.clone(),
         drain_timeout: config.drain_timeout(),
         metrics: metrics.clone(),
     };
@@ -516,6 +547,8 @@ pub async fn run(
         .create_with_context(context)
         .map_err(ConsumerError::Create)?;
     let consumer = Arc::new(consumer);
+    // Before subscribing: no rebalance callback can run without it.
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     let topics: Vec<String> = handlers.keys().cloned().collect();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
@@ -527,75 +560,63 @@ pub async fn run(
     tracing::info!(?topics, group = %config.kafka.group_id, "consumer started");
     health.consumer_running.store(true, Ordering::Relaxed);
 
-    // A fetch response's run of one partition (up to 1 MiB) fits in the overflow.
-    let mut dispatcher = Dispatcher::new(4 * config.consumer.partition_buffer);
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
-    let hard_abort = CancellationToken::new();
-
+    let in_flight = Arc::new(Semaphore::new(config.consumer.max_batches_in_flight));
+    // Partition tasks stop taking new batches on `stop`: on shutdown, and also when the loop
+    // below stops on an error while `shutdown` is still live.
+    let stop = shutdown.child_token();
+    let mut failed = None;
     loop {
-        dispatcher.flush();
-        // Back-pressure: with the overflow full the loop waits for a queue to drain, and
-        // librdkafka stops fetching once its own pre-fetch queue is full. Shutdown still
-        // interrupts.
-        if dispatcher.is_full() {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = dispatcher.room() => continue,
-            }
-        }
-        let received = tokio::select! {
+        // The shared queue carries rebalances and errors only; polling it serves them.
+        tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
-            received = consumer.recv() => received,
-            // Overflow must reach its queue even when no new message arrives.
-            _ = dispatcher.room(), if dispatcher.overflowed > 0 => continue,
-        };
-        let message = match received {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "Kafka consumer error");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let input = to_input(&message);
-        drop(message);
-        metrics.consumed.with_label_values(&[&input.topic]).inc();
-        let key: PartitionKey = (input.topic.clone(), input.partition);
-        let live = partitions.get(&key).is_some() && dispatcher.is_live(&key);
-        if !live {
-            // A partition seen for the first time since its assignment.
-            let Some(handler) = handlers.get(&key.0).cloned() else {
-                continue;
-            };
-            let state = Arc::new(PartitionState {
-                busy: AtomicBool::new(false),
-                revoked: AtomicBool::new(false),
-                abort: hard_abort.child_token(),
-            });
-            partitions.insert(key.clone(), state.clone());
-            let (tx, rx) = mpsc::channel(config.consumer.partition_buffer);
-            dispatcher.register(key.clone(), tx);
-            let worker = Worker {
-                key: key.clone(),
-                state,
-                handler,
-                consumer: consumer.clone(),
-                config: config.consumer.clone(),
-                metrics: metrics.clone(),
-                health: health.clone(),
-            };
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(tokio::spawn(worker.run(rx)));
+            _ = stop.cancelled() => break,
+            event = assigned.recv() => match event {
+                Some(Assigned::Queue(key, queue)) => {
+                    let Some(handler) = handlers.get(&key.0).cloned() else {
+                        continue;
+                    };
+                    let worker = PartitionWorker {
+                        key,
+                        partitions: partitions.clone(),
+                        handler,
+                        consumer: consumer.clone(),
+                        config: config.consumer.clone(),
+                        metrics: metrics.clone(),
+                        health: health.clone(),
+                        in_flight: in_flight.clone(),
+                    };
+                    tasks.push(tokio::spawn(worker.run(queue, stop.clone())));
+                }
+                Some(Assigned::Unsplit((topic, partition))) => {
+                    failed = Some(ConsumerError::Unsplit { topic, partition });
+                    break;
+                }
+                None => {}
+            },
+            received = consumer.recv() => match received {
+                Ok(message) => {
+                    failed = Some(ConsumerError::Unsplit {
+                        topic: message.topic().to_string(),
+                        partition: message.partition(),
+                    });
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
         }
-        dispatcher.dispatch(key, (Instant::now(), input));
+    }
+    if let Some(e) = &failed {
+        tracing::error!(error = %e, "consumer stopping");
     }
 
-    // Shutdown: stop fetching, let every task finish what it holds, commit, leave.
+    // Shutdown: every task finishes the batch it holds, then offsets are committed.
+    stop.cancel();
     health.shutting_down.store(true, Ordering::Relaxed);
     tracing::info!("consumer draining");
-    drop(dispatcher);
     let drain = futures::future::join_all(tasks);
     tokio::pin!(drain);
     if tokio::time::timeout(config.drain_timeout(), &mut drain)
@@ -625,5 +646,8 @@ pub async fn run(
     consumer.unsubscribe();
     health.consumer_running.store(false, Ordering::Relaxed);
     tracing::info!("consumer stopped");
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -144,6 +144,7 @@ pub struct Harness {
 }
 
 pub fn test_config(brokers: &str, db_url: &str) -> Config {
+    init_test_log();
     let mut config = Config::default();
     config.kafka.brokers = brokers.to_string();
     config.kafka.group_id = random_name("group");
@@ -158,6 +159,17 @@ pub fn test_config(brokers: &str, db_url: &str) -> Config {
     config.relay.poll_interval_ms = 100;
     config.topics.partitions = PARTITIONS;
     config
+}
+
+/// The worker's log in the test output, when `AUTHSYNC_TEST_LOG` holds a filter
+/// (e.g. `AUTHSYNC_TEST_LOG=authsync=debug,librdkafka=debug`); silent otherwise.
+fn init_test_log() {
+    if let Ok(filter) = std::env::var("AUTHSYNC_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
 }
 
 pub fn producer(brokers: &str) -> FutureProducer {

@@ -56,7 +56,7 @@ fn spawn_worker(brokers: &str, db: &TestDb, suffix: &str, group: &str) -> Proces
         .env("AUTHSYNC_RELAY_POLL_INTERVAL_MS", "100")
         // Tiny queues: back-pressure is exercised against the real broker too.
         .env("AUTHSYNC_CONSUMER_BATCH_SIZE", "2")
-        .env("AUTHSYNC_CONSUMER_PARTITION_BUFFER", "2")
+        .env("AUTHSYNC_KAFKA_PROPERTY_QUEUED_MIN_MESSAGES", "2")
         .env("AUTHSYNC_KAFKA_SESSION_TIMEOUT_MS", "10000")
         .env("AUTHSYNC_LOG_LEVEL", "info")
         .stdout(Stdio::null())

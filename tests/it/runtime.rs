@@ -157,13 +157,16 @@ async fn transient_database_failures_are_retried_without_loss() {
     assert_eq!(h.db.count("SELECT count(*) FROM outbox_emitted").await, 62);
 }
 
+/// librdkafka stops fetching a partition once its queue holds 5 messages.
 fn tiny_queues(c: &mut authsync::config::Config) {
     c.consumer.batch_size = 3;
-    c.consumer.partition_buffer = 3;
+    c.kafka
+        .properties
+        .insert("queued.min.messages".into(), "5".into());
 }
 
-/// Tiny queues and batches: the fetch loop keeps hitting full partition queues (and a full
-/// overflow) and must neither lose nor reorder anything.
+/// Tiny queues and batches: every partition's fetching keeps stopping on a full queue and
+/// resuming, and nothing may be lost or reordered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_partition_queues_apply_back_pressure_without_loss() {
     back_pressure_without_loss(Harness::with(tiny_queues).await).await;
@@ -197,17 +200,25 @@ async fn back_pressure_without_loss(mut h: Harness) {
         h.db.count("SELECT sum(login_count)::int8 FROM users").await,
         400
     );
-    // Per identity, the last event (the newest) won: order was kept.
-    for q in 0..7 {
-        let last = (0..400).filter(|i| i % 7 == q).max().unwrap_or_default();
+    assert_newest_event_won(&h.db, "q", 7, 400).await;
+}
+
+/// Per identity `{prefix}{q}` (event `i` went to identity `i % identities`), the newest
+/// event's display name won: order was kept.
+async fn assert_newest_event_won(db: &TestDb, prefix: &str, identities: i64, total: i64) {
+    for q in 0..identities {
+        let last = (0..total)
+            .filter(|i| i % identities == q)
+            .max()
+            .unwrap_or_default();
         let name: String = sqlx::query_scalar(
             "SELECT u.auth_display_name FROM users u JOIN external_identities e ON e.user_id = u.id WHERE e.subject = $1",
         )
-        .bind(format!("q{q}"))
-        .fetch_one(&h.db.pool)
+        .bind(format!("{prefix}{q}"))
+        .fetch_one(&db.pool)
         .await
         .expect("user");
-        assert_eq!(name, format!("n{last}"));
+        assert_eq!(name, format!("n{last}"), "newest event of {prefix}{q}");
     }
 }
 
@@ -287,4 +298,148 @@ fn invalid_role_rule_stops_start_up_naming_the_rule() {
         stderr.contains("`entra`") && stderr.contains("unknown mode `sometimes`"),
         "{stderr}"
     );
+}
+
+/// One partition stuck on a row lock (a long transaction elsewhere) holds up only itself:
+/// the other partitions keep being applied, and the stuck one resumes when the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_partition_does_not_hold_up_the_others() {
+    let mut h = Harness::new().await;
+    h.start().await;
+    let stuck = |id: &str| {
+        login(
+            id,
+            "2026-05-01T10:00:00Z",
+            json!({"provider": "p", "subject": "stuck"}),
+        )
+    };
+    h.produce_with("p:stuck", &stuck("b-0"), Some(0), &[]).await;
+    h.wait_handled(1).await;
+    let mut lock = h.db.pool.begin().await.expect("begin");
+    sqlx::query(
+        "SELECT u.id FROM users u JOIN external_identities e ON e.user_id = u.id
+         WHERE e.subject = 'stuck' FOR UPDATE OF u",
+    )
+    .execute(&mut *lock)
+    .await
+    .expect("lock the user");
+    h.produce_with("p:stuck", &stuck("b-1"), Some(0), &[]).await;
+    for i in 0..60 {
+        h.produce_with(
+            &format!("p:free{i}"),
+            &login(
+                &format!("f-{i}"),
+                "2026-05-01T10:00:00Z",
+                json!({"provider": "p", "subject": format!("free{i}")}),
+            ),
+            Some(1 + i % 2),
+            &[],
+        )
+        .await;
+    }
+    h.wait_handled(61).await;
+    let stuck_done =
+        h.db.count("SELECT count(*) FROM inbox WHERE event_id = 'b-1'")
+            .await;
+    assert_eq!(stuck_done, 0, "the locked partition waited for the lock");
+    lock.rollback().await.expect("release");
+    h.wait_handled(62).await;
+    h.stop().await;
+    assert_eq!(
+        h.db.count("SELECT login_count::int8 FROM users u JOIN external_identities e ON e.user_id = u.id WHERE e.subject = 'stuck'")
+            .await,
+        2
+    );
+}
+
+/// Scaling out and back in mid-stream: a second worker joins the group and takes over
+/// partitions, then the first leaves. Revoked partitions drain before they move, so every
+/// event is applied by one worker, once, in order per identity, and announced once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_move_between_workers_without_loss_or_double_apply() {
+    let mut h = Harness::with(|c| c.consumer.batch_size = 10).await;
+    h.start().await;
+    let total: i64 = 600;
+    let identities = 30;
+    let send = |i: i64| {
+        login(
+            &format!("r-{i}"),
+            &format!(
+                "2026-05-01T{:02}:{:02}:{:02}Z",
+                10 + i / 3600,
+                i / 60 % 60,
+                i % 60
+            ),
+            json!({"provider": "p", "subject": format!("u{}", i % identities), "displayName": format!("n{i}")}),
+        )
+    };
+    let topic = h.config.topics.login.clone();
+    for i in 0..200 {
+        h.produce(&format!("p:u{}", i % identities), &send(i)).await;
+    }
+    h.wait_handled(50).await;
+
+    let second_stop = CancellationToken::new();
+    let second = app::start(h.config.clone(), RunOptions::default(), second_stop.clone())
+        .await
+        .expect("second worker starts");
+    for i in 200..400 {
+        h.produce(&format!("p:u{}", i % identities), &send(i)).await;
+    }
+    let owns = |w: &app::Worker| {
+        w.metrics
+            .partitions_assigned
+            .with_label_values(&[&topic])
+            .get()
+    };
+    wait_for("the second worker owns partitions", || async {
+        owns(&second) > 0
+    })
+    .await;
+    let first_metrics = h.worker().metrics.clone();
+    h.stop().await;
+    wait_for("the second worker owns every partition", || async {
+        owns(&second) == i64::from(PARTITIONS)
+    })
+    .await;
+    for i in 400..total {
+        h.produce(&format!("p:u{}", i % identities), &send(i)).await;
+    }
+    h.wait_handled(total).await;
+    h.wait_published().await;
+    let applied = |m: &authsync::telemetry::Metrics| {
+        ["applied", "signed_up"]
+            .iter()
+            .map(|outcome| {
+                m.processed
+                    .with_label_values(&[topic.as_str(), outcome])
+                    .get()
+            })
+            .sum::<u64>()
+    };
+    let first_applied = applied(&first_metrics);
+    let second_applied = applied(&second.metrics);
+    second_stop.cancel();
+    second.wait().await.expect("second worker stops cleanly");
+
+    assert!(second_applied > 0, "the second worker applied events");
+    // Redelivery after a move is allowed (a commit refused mid-rebalance leaves offsets
+    // behind; the inbox skips what was applied), applying twice is not.
+    assert_eq!(
+        first_applied + second_applied,
+        total as u64,
+        "each event applied by exactly one worker"
+    );
+    assert_eq!(
+        h.db.count("SELECT sum(login_count)::int8 FROM users").await,
+        total
+    );
+    assert_newest_event_won(&h.db, "u", identities, total).await;
+    let outputs = h.outputs((total + identities) as usize).await;
+    let synced = outputs
+        .iter()
+        .filter(|o| o.event_type() == "user.synced")
+        .count();
+    assert_eq!(synced as i64, total, "each login announced once");
+    assert_eq!(outputs.len() as i64, total + identities);
 }
