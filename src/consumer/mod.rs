@@ -523,6 +523,44 @@ impl PartitionWorker {
     }
 }
 
+/// Commits the stored offsets and leaves the group, giving up at `deadline` (at least 1 s
+/// from now). Both calls block until the group coordinator answers, and with the broker
+/// gone that is only when the session times out (`kafka.session_timeout_ms`, 45 s by
+/// default, longer than the pod's grace period). So they run on a thread of their own,
+/// which the process does not wait for; offsets not committed are re-read by the next
+/// owner, and the inbox skips what was applied.
+async fn close_within(consumer: Arc<PipelineConsumer>, deadline: tokio::time::Instant) {
+    let deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+    let (committed_tx, committed) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("consumer-close".into())
+        .spawn(move || {
+            let _ = committed_tx.send(consumer.commit_consumer_state(CommitMode::Sync));
+            consumer.unsubscribe();
+            // The last reference: dropping it closes the consumer (leaves the group).
+            drop(consumer);
+            let _ = closed_tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the consumer-close thread; not committing");
+        return;
+    }
+    match tokio::time::timeout_at(deadline, committed).await {
+        Ok(Ok(Ok(()))) => tracing::info!("offsets committed"),
+        Ok(Ok(Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "final offset commit failed"),
+        Ok(Err(_)) => tracing::warn!("final offset commit did not report"),
+        Err(_) => {
+            tracing::warn!("final offset commit timed out (broker unreachable?); leaving it");
+            return;
+        }
+    }
+    if tokio::time::timeout_at(deadline, closed).await.is_err() {
+        tracing::warn!("leaving the consumer group timed out (broker unreachable?)");
+    }
+}
+
 /// Consumes `handlers`' topics until `shutdown`, then drains and commits.
 pub async fn run(
     config: &Config,
@@ -617,12 +655,10 @@ pub async fn run(
     stop.cancel();
     health.shutting_down.store(true, Ordering::Relaxed);
     tracing::info!("consumer draining");
+    let deadline = tokio::time::Instant::now() + config.drain_timeout();
     let drain = futures::future::join_all(tasks);
     tokio::pin!(drain);
-    if tokio::time::timeout(config.drain_timeout(), &mut drain)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline, &mut drain).await.is_err() {
         tracing::warn!(
             "drain deadline passed; abandoning unfinished batches (they will be redelivered)"
         );
@@ -632,18 +668,9 @@ pub async fn run(
     for state in partitions.all() {
         state.abort.cancel();
     }
-    let consumer_for_commit = consumer.clone();
-    let committed = tokio::task::spawn_blocking(move || {
-        consumer_for_commit.commit_consumer_state(CommitMode::Sync)
-    })
-    .await;
-    match committed {
-        Ok(Ok(())) => tracing::info!("offsets committed"),
-        Ok(Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset))) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "final offset commit failed"),
-        Err(e) => tracing::warn!(error = %e, "final offset commit task failed"),
-    }
-    consumer.unsubscribe();
+    // Queues of partitions assigned after the loop stopped hold the consumer too.
+    drop(assigned);
+    close_within(consumer, deadline).await;
     health.consumer_running.store(false, Ordering::Relaxed);
     tracing::info!("consumer stopped");
     match failed {

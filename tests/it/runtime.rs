@@ -443,3 +443,35 @@ async fn partitions_move_between_workers_without_loss_or_double_apply() {
     assert_eq!(synced as i64, total, "each login announced once");
     assert_eq!(outputs.len() as i64, total + identities);
 }
+
+/// SIGTERM while the broker is unreachable: the worker still exits within its drain
+/// deadline, not when the group session times out (45 s by default, past the pod's grace
+/// period), and what it applied stays applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_while_the_broker_is_down() {
+    let mut h = Harness::with(|c| {
+        c.consumer.drain_timeout_ms = 3_000;
+        // Longer than `Harness::stop` waits: a close that waits for the session fails.
+        c.kafka.session_timeout_ms = 45_000;
+    })
+    .await;
+    h.start().await;
+    h.produce(
+        "p:gone",
+        &login(
+            "g-1",
+            "2026-05-01T10:00:00Z",
+            json!({"provider": "p", "subject": "gone"}),
+        ),
+    )
+    .await;
+    h.wait_handled(1).await;
+    h.cluster
+        .as_ref()
+        .expect("mock")
+        .broker_down(1)
+        .expect("down");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.stop().await;
+    assert_eq!(h.db.count("SELECT count(*) FROM users").await, 1);
+}
