@@ -328,3 +328,50 @@ pub async fn serve_http(
     });
     Ok(addr)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `authsync_*` series the shipped dashboard and alert rules query exists: a renamed
+    /// metric would otherwise leave an empty panel or an alert that never fires.
+    #[test]
+    fn dashboard_and_alerts_query_only_exported_metrics() {
+        let m = Metrics::new();
+        // Labelled families appear once they have a child.
+        m.consumed.with_label_values(&["t"]).inc();
+        m.processed.with_label_values(&["t", "applied"]).inc();
+        m.duplicates.with_label_values(&["t"]).inc();
+        m.dead_lettered.with_label_values(&["t", "c"]).inc();
+        m.batch_seconds.with_label_values(&["t"]).observe(0.1);
+        m.consume_delay_seconds
+            .with_label_values(&["t"])
+            .observe(0.1);
+        m.partitions_assigned.with_label_values(&["t"]).set(1);
+        m.relay_published.with_label_values(&["t"]).inc();
+        let exported = m.render();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut checked = 0;
+        for file in [
+            "deploy/grafana/authsync.json",
+            "deploy/prometheus/alerts.yaml",
+        ] {
+            let text =
+                std::fs::read_to_string(root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            for (i, _) in text.match_indices("authsync_") {
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let line_start = format!("\n{name}");
+                let family = format!("# TYPE {name} ");
+                assert!(
+                    exported.contains(&line_start) || exported.contains(&family),
+                    "{file} queries `{name}`, which authsync does not export"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 20, "found only {checked} metric references");
+    }
+}
