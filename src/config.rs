@@ -304,7 +304,7 @@ impl Default for ConsumerConfig {
             retry_max_ms: 30_000,
             unready_after_failures: 5,
             fetch_wait_max_ms: 10,
-            prefetch_kbytes_per_partition: 1024,
+            prefetch_kbytes_per_partition: 512,
             fetch_max_kbytes: 256,
             fetch_queue_backoff_ms: 10,
         }
