@@ -217,6 +217,26 @@ async fn only_one_relay_leads_and_retention_forgets_emitted_ids() {
     assert_eq!(out.len(), 2, "published once, not once per relay");
 }
 
+/// Reads past `cursor` until `expected` rows are publishable (or 30 s passed). Rows become publishable only once
+/// every older transaction *in the cluster* has finished (txids are cluster-wide), so a
+/// test running beside this one that holds a transaction open delays them.
+async fn read_when_publishable(
+    pool: &sqlx::PgPool,
+    cursor: outbox::ReadCursor,
+    expected: usize,
+) -> Vec<outbox::Pending> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = outbox::fetch_publishable(pool, 100, cursor)
+            .await
+            .expect("read");
+        if rows.len() >= expected || tokio::time::Instant::now() >= until {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The pipelined relay's read cursor: rows it holds (sent, not yet acknowledged) are not
 /// read again, but a row a late-committing transaction wrote *below* the cursor is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,9 +274,7 @@ async fn read_cursor_skips_held_rows_but_not_a_late_commit_below_it() {
         "early's txid is newer than late's, which still runs: nothing is publishable yet"
     );
     late_tx.commit().await.expect("commit late");
-    let first = outbox::fetch_publishable(&h.db.pool, 100, start)
-        .await
-        .expect("read");
+    let first = read_when_publishable(&h.db.pool, start, 2).await;
     assert_eq!(first.len(), 2);
     let held = start.advance(&first);
     assert!(
@@ -285,9 +303,7 @@ async fn read_cursor_skips_held_rows_but_not_a_late_commit_below_it() {
         .await
         .expect("insert older");
     older_tx.commit().await.expect("commit older");
-    let second = outbox::fetch_publishable(&h.db.pool, 100, held)
-        .await
-        .expect("read");
+    let second = read_when_publishable(&h.db.pool, held, 1).await;
     let payloads = |rows: &[outbox::Pending]| -> Vec<String> {
         rows.iter()
             .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
@@ -296,9 +312,7 @@ async fn read_cursor_skips_held_rows_but_not_a_late_commit_below_it() {
     assert_eq!(payloads(&second), vec!["{\"n\":4}"], "only the older row");
     let held = held.advance(&second);
     newer_tx.commit().await.expect("commit newer");
-    let third = outbox::fetch_publishable(&h.db.pool, 100, held)
-        .await
-        .expect("read");
+    let third = read_when_publishable(&h.db.pool, held, 1).await;
     assert_eq!(
         payloads(&third),
         vec!["{\"n\":3}"],
