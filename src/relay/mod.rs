@@ -48,6 +48,12 @@ pub fn producer(config: &Config) -> Result<FutureProducer, RelayError> {
         .map_err(RelayError::Producer)
 }
 
+/// How long a stopping relay waits for delivery reports and the final flush, together.
+/// With the broker gone, reports only come at `message.timeout.ms` (60 s), past the pod's
+/// grace period; rows whose delivery was not confirmed stay in the outbox and are
+/// published again by the next leader (at least once, never lost).
+const STOP_DELIVERY_BUDGET: Duration = Duration::from_secs(10);
+
 /// Runs until `shutdown`: campaigns for leadership, publishes while leader.
 pub async fn run(
     config: &Config,
@@ -58,6 +64,7 @@ pub async fn run(
     let producer = Arc::new(producer(config)?);
     let poll = Duration::from_millis(config.relay.poll_interval_ms);
     let options = store::connect_options(&config.database)?;
+    let mut stop_by = None;
     while !shutdown.is_cancelled() {
         let mut lock_conn = match PgConnection::connect_with(&options).await {
             Ok(c) => c,
@@ -89,6 +96,7 @@ pub async fn run(
             &metrics,
             &mut lock_conn,
             &shutdown,
+            &mut stop_by,
         )
         .await;
         metrics.relay_leader.set(0);
@@ -99,8 +107,11 @@ pub async fn run(
         // Closing the session releases the advisory lock.
         let _ = lock_conn.close().await;
     }
-    // Whatever was handed to librdkafka gets its chance to be delivered.
-    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    // Whatever was handed to librdkafka gets its chance to be delivered, within the budget.
+    let budget = stop_by
+        .map(|d: tokio::time::Instant| d.saturating_duration_since(tokio::time::Instant::now()))
+        .unwrap_or(STOP_DELIVERY_BUDGET);
+    let _ = tokio::task::spawn_blocking(move || producer.flush(budget)).await;
     tracing::info!("relay stopped");
     Ok(())
 }
@@ -143,6 +154,7 @@ async fn lead(
     metrics: &Metrics,
     lock_conn: &mut PgConnection,
     shutdown: &CancellationToken,
+    stop_by: &mut Option<tokio::time::Instant>,
 ) -> Result<(), RelayError> {
     let poll = Duration::from_millis(config.relay.poll_interval_ms);
     let mut listener = PgListener::connect_with(pool).await?;
@@ -195,9 +207,18 @@ async fn lead(
             _ = tokio::time::sleep(poll) => {}
         }
     }
-    // Wait for what was sent, so delivered rows are deleted and not published again.
-    while let Some(round) = rounds.pending.next().await {
+    // Wait for what was sent, so delivered rows are deleted and not published again; but
+    // only within the stop budget (see `STOP_DELIVERY_BUDGET`).
+    let deadline =
+        *stop_by.get_or_insert_with(|| tokio::time::Instant::now() + STOP_DELIVERY_BUDGET);
+    while let Ok(Some(round)) = tokio::time::timeout_at(deadline, rounds.pending.next()).await {
         rounds.settle(pool, metrics, round).await?;
+    }
+    if !rounds.pending.is_empty() {
+        tracing::warn!(
+            rows = rounds.held.len(),
+            "relay stopping with deliveries unconfirmed; those rows stay in the outbox and are published again"
+        );
     }
     Ok(())
 }

@@ -444,9 +444,11 @@ async fn partitions_move_between_workers_without_loss_or_double_apply() {
     assert_eq!(outputs.len() as i64, total + identities);
 }
 
-/// SIGTERM while the broker is unreachable: the worker still exits within its drain
-/// deadline, not when the group session times out (45 s by default, past the pod's grace
-/// period), and what it applied stays applied.
+/// SIGTERM while the broker is unreachable: the worker still exits within its deadlines
+/// (drain for the consumer, 10 s for the relay's unconfirmed deliveries), not when the
+/// group session or the deliveries time out (45 s, 60 s: past the pod's grace period).
+/// What it applied stays applied, and the result whose delivery was never confirmed stays
+/// in the outbox, to be published again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_while_the_broker_is_down() {
     let mut h = Harness::with(|c| {
@@ -456,6 +458,21 @@ async fn shutdown_finishes_while_the_broker_is_down() {
     })
     .await;
     h.start().await;
+    let topic = h.config.topics.login.clone();
+    wait_for("partitions assigned", || async {
+        h.worker()
+            .metrics
+            .partitions_assigned
+            .with_label_values(&[&topic])
+            .get()
+            > 0
+    })
+    .await;
+    let cluster = h.cluster.as_ref().expect("mock");
+    // Slow answers: the result's delivery is still unconfirmed when the broker goes.
+    cluster
+        .broker_round_trip_time(1, Duration::from_secs(3))
+        .expect("rtt");
     h.produce(
         "p:gone",
         &login(
@@ -466,12 +483,12 @@ async fn shutdown_finishes_while_the_broker_is_down() {
     )
     .await;
     h.wait_handled(1).await;
-    h.cluster
-        .as_ref()
-        .expect("mock")
-        .broker_down(1)
-        .expect("down");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.broker_down(1).expect("down");
     h.stop().await;
     assert_eq!(h.db.count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox").await,
+        2,
+        "user.synced and user.signed_up wait to be published again"
+    );
 }
