@@ -379,6 +379,10 @@ struct PartitionWorker {
 }
 
 impl PartitionWorker {
+    fn warn_consumer_error(&self, e: &KafkaError) {
+        tracing::warn!(topic = %self.key.0, partition = self.key.1, error = %e, "Kafka consumer error");
+    }
+
     async fn run(self, queue: PartitionQueue, shutdown: CancellationToken) {
         let linger = Duration::from_millis(self.config.batch_linger_ms);
         let consumed = self.metrics.consumed.with_label_values(&[&self.key.0]);
@@ -400,7 +404,7 @@ impl PartitionWorker {
             let first = match first {
                 Ok(m) => to_input(&m),
                 Err(e) => {
-                    tracing::warn!(topic = %self.key.0, partition = self.key.1, error = %e, "Kafka consumer error");
+                    self.warn_consumer_error(&e);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -423,7 +427,7 @@ impl PartitionWorker {
                         batch.push(to_input(&m));
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(topic = %self.key.0, partition = self.key.1, error = %e, "Kafka consumer error");
+                        self.warn_consumer_error(&e);
                         break;
                     }
                     Err(_) => break,
