@@ -217,24 +217,25 @@ async fn only_one_relay_leads_and_retention_forgets_emitted_ids() {
     assert_eq!(out.len(), 2, "published once, not once per relay");
 }
 
-/// Reads past `cursor` until `expected` rows are publishable (or 30 s passed). Rows become publishable only once
-/// every older transaction *in the cluster* has finished (txids are cluster-wide), so a
-/// test running beside this one that holds a transaction open delays them.
+/// Reads past `cursor` once `expected` rows are publishable. Rows become publishable only
+/// once every older transaction *in the cluster* has finished (txids are cluster-wide), so
+/// a test running beside this one that holds a transaction open delays them.
 async fn read_when_publishable(
     pool: &sqlx::PgPool,
     cursor: outbox::ReadCursor,
     expected: usize,
 ) -> Vec<outbox::Pending> {
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = outbox::fetch_publishable(pool, 100, cursor)
+    wait_for(&format!("{expected} publishable rows"), || async {
+        outbox::fetch_publishable(pool, 100, cursor)
             .await
-            .expect("read");
-        if rows.len() >= expected || tokio::time::Instant::now() >= until {
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .expect("read")
+            .len()
+            >= expected
+    })
+    .await;
+    outbox::fetch_publishable(pool, 100, cursor)
+        .await
+        .expect("read")
 }
 
 /// The pipelined relay's read cursor: rows it holds (sent, not yet acknowledged) are not
