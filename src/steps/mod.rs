@@ -54,6 +54,8 @@ pub struct StepContext {
     pub merge: MergeConfig,
     pub identity: Arc<IdentityPolicy>,
     pub max_message_bytes: usize,
+    /// `database.random_page_cost`, set for each step transaction.
+    pub random_page_cost: f64,
 }
 
 impl StepContext {
@@ -66,6 +68,7 @@ impl StepContext {
             merge: config.merge.clone(),
             identity: Arc::new(IdentityPolicy::compile(&config.identity)?),
             max_message_bytes: config.consumer.max_message_bytes,
+            random_page_cost: config.database.random_page_cost,
         })
     }
 }
@@ -230,6 +233,16 @@ pub trait Step: Sync {
     ) -> impl std::future::Future<Output = Result<BatchReport, StoreError>> + Send + 'a;
 }
 
+/// A step transaction, planned for batched key lookups (see `database.random_page_cost`).
+async fn begin(
+    pool: &PgPool,
+    ctx: &StepContext,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    crate::store::plan_for_key_lookups(&mut tx, ctx.random_page_cost).await?;
+    Ok(tx)
+}
+
 /// Applies `messages` in one transaction; falls back to one savepoint per message when
 /// the database rejects the batch. Transient failures are returned for the caller to retry
 /// (nothing is committed then).
@@ -242,7 +255,7 @@ pub async fn run_batch<S: Step>(
     let decoded: Vec<S::Decoded> = messages.iter().map(|m| step.decode(ctx, m)).collect();
     let items: Vec<(&InputMessage, &S::Decoded)> = messages.iter().zip(decoded.iter()).collect();
 
-    let mut tx = pool.begin().await?;
+    let mut tx = begin(pool, ctx).await?;
     match step.apply(&mut tx, ctx, &items).await {
         Ok(report) => {
             tx.commit().await?;
@@ -259,7 +272,7 @@ pub async fn run_batch<S: Step>(
         isolated: true,
         ..BatchReport::default()
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = begin(pool, ctx).await?;
     for item in &items {
         let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
         match step

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::config::DatabaseConfig;
 
@@ -96,6 +96,17 @@ pub async fn live_workers(pool: &PgPool, group: &str) -> Result<(i64, String), s
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// Sets the planner's `random_page_cost` for the rest of the current transaction only.
+pub async fn plan_for_key_lookups(conn: &mut PgConnection, cost: f64) -> Result<(), sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT set_config('random_page_cost', $1, true) AS "set!""#,
+        cost.to_string()
+    )
+    .fetch_one(conn)
+    .await
+    .map(|_| ())
 }
 
 /// `SELECT 1`, for readiness.

@@ -389,3 +389,61 @@ async fn concurrent_first_logins_through_kafka_on_different_partitions() {
         PARTITIONS as i64
     );
 }
+
+/// Step transactions price index lookups for a working set in memory, so a batch's write
+/// of its users probes `users_pkey` instead of reading and hashing the whole table; the
+/// setting ends with the transaction (a pooled connection keeps the server's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_transactions_plan_key_lookups_and_leave_the_session_alone() {
+    let db = TestDb::new().await;
+    sqlx::raw_sql(
+        "INSERT INTO users (id, email, profile_event_at, last_login_at)
+         SELECT md5(g::text)::uuid, 'u' || g || '@example.com', now(), now()
+         FROM generate_series(1, 20000) g;
+         ANALYZE users;",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("seed users");
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM users ORDER BY email LIMIT 500")
+        .fetch_all(&db.pool)
+        .await
+        .expect("ids");
+    let explain = "EXPLAIN UPDATE users u SET login_count = u.login_count + 1
+                   FROM UNNEST($1::uuid[]) AS d(id) WHERE u.id = d.id";
+    let default_cost = 1.1;
+    assert_eq!(
+        authsync::config::Config::default()
+            .database
+            .random_page_cost,
+        default_cost
+    );
+
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let server_cost: String = sqlx::query_scalar("SHOW random_page_cost")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("show");
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
+    authsync::store::plan_for_key_lookups(&mut tx, default_cost)
+        .await
+        .expect("set");
+    let plan: Vec<String> = sqlx::query_scalar(explain)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .expect("explain");
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan using users_pkey"), "{plan}");
+    assert!(!plan.contains("Seq Scan on users"), "{plan}");
+    tx.commit().await.expect("commit");
+
+    let after: String = sqlx::query_scalar("SHOW random_page_cost")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("show");
+    assert_eq!(
+        after, server_cost,
+        "the setting must not outlive the transaction"
+    );
+}
