@@ -82,8 +82,13 @@ impl ResultEvent {
             causationid: &self.causation_id,
             data: &self.data,
         };
+        // Sized for the envelope up front: growing a Vec by doubling copies the payload.
+        let mut out = Vec::with_capacity(self.data.get().len() + 384);
         // Serializing plain structs of strings and numbers cannot fail.
-        serde_json::to_vec(&wire).unwrap_or_default()
+        match serde_json::to_writer(&mut out, &wire) {
+            Ok(()) => out,
+            Err(_) => Vec::new(),
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! (`outbox_emitted`) for the retention, so a replay that emits one again adds nothing.
 
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -96,9 +98,29 @@ async fn insert_chunk(
     let keys: Vec<Option<&[u8]>> = messages.iter().map(|m| m.key.as_deref()).collect();
     let types: Vec<&str> = messages.iter().map(|m| m.event_type.as_str()).collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
-    let headers: Vec<serde_json::Value> = messages
-        .iter()
-        .map(|m| encode_headers(&m.headers))
+    // Result events of one type share their headers: encode each list once. Only the last
+    // few lists are compared (dead letters each carry their own).
+    let mut encoded: Vec<(&[(String, Vec<u8>)], Box<RawValue>)> = Vec::new();
+    let mut header_index = Vec::with_capacity(messages.len());
+    for m in messages {
+        let recent = encoded.len().saturating_sub(4);
+        let same = encoded[recent..]
+            .iter()
+            .position(|(h, _)| *h == m.headers.as_slice());
+        let i = match same {
+            Some(i) => recent + i,
+            None => {
+                let json = serde_json::value::to_raw_value(&encode_headers(&m.headers))
+                    .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                encoded.push((&m.headers, json));
+                encoded.len() - 1
+            }
+        };
+        header_index.push(i);
+    }
+    let headers: Vec<Json<&RawValue>> = header_index
+        .into_iter()
+        .map(|i| Json(encoded[i].1.as_ref()))
         .collect();
     // A concurrent transaction emitting the same id makes this wait for it (the ledger's
     // primary key), so two transactions never both publish one event.
@@ -123,7 +145,7 @@ async fn insert_chunk(
         &keys as &[Option<&[u8]>],
         &types as &[&str],
         &payloads as &[&[u8]],
-        &headers,
+        &headers as &[Json<&RawValue>],
     )
     .execute(conn)
     .await?;

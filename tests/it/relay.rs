@@ -431,3 +431,41 @@ async fn large_outbox_insert_keeps_order_and_skips_repeats_across_statements() {
     let expected: Vec<i64> = (0..600).collect();
     assert_eq!(ns, expected, "one row per id, in insertion order");
 }
+
+/// The inbox retention forgets events handled longer ago than the window and keeps the
+/// recent ones (the BRIN index on `processed_at` finds them), in bounded rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_retention_forgets_only_events_older_than_the_window() {
+    let db = TestDb::new().await;
+    sqlx::raw_sql(
+        "INSERT INTO inbox (consumer_group, event_id, topic, kafka_partition, kafka_offset, outcome, processed_at)
+         SELECT 'g', 'old-' || n, 't', 0, n, 'applied', now() - interval '3 hours' + n * interval '1 ms'
+         FROM generate_series(1, 2500) n;
+         INSERT INTO inbox (consumer_group, event_id, topic, kafka_partition, kafka_offset, outcome)
+         SELECT 'g', 'new-' || n, 't', 0, 10000 + n, 'applied' FROM generate_series(1, 500) n;",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("seed inbox");
+    let first = authsync::store::inbox::delete_older_than(&db.pool, 2, 2000)
+        .await
+        .expect("first round");
+    let second = authsync::store::inbox::delete_older_than(&db.pool, 2, 2000)
+        .await
+        .expect("second round");
+    assert_eq!(
+        (first, second),
+        (2000, 500),
+        "rounds are bounded by the limit"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM inbox WHERE event_id LIKE 'old-%'")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM inbox WHERE event_id LIKE 'new-%'")
+            .await,
+        500
+    );
+}
