@@ -8,6 +8,9 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+/// A Kafka header: name and value.
+type Header = (String, Vec<u8>);
+
 /// A message to publish once the transaction that wrote it commits.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
@@ -100,7 +103,7 @@ async fn insert_chunk(
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
     // Result events of one type share their headers: encode each list once. Only the last
     // few lists are compared (dead letters each carry their own).
-    let mut encoded: Vec<(&[(String, Vec<u8>)], Box<RawValue>)> = Vec::new();
+    let mut encoded: Vec<(&[Header], Box<RawValue>)> = Vec::new();
     let mut header_index = Vec::with_capacity(messages.len());
     for m in messages {
         let recent = encoded.len().saturating_sub(4);

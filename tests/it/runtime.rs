@@ -119,12 +119,15 @@ async fn transient_database_failures_are_retried_without_loss() {
     )
     .await;
     h.wait_handled(1).await;
+    // Connections are killed until one dies inside a batch (an idle one is only replaced by
+    // the pool), while logins keep arriving.
+    let retries = h.worker().metrics.batch_retries.clone();
     let killer = {
-        let (db_name, admin) = (h.db.name.clone(), admin_url());
+        let (db_name, admin, retries) = (h.db.name.clone(), admin_url(), retries.clone());
         tokio::spawn(async move {
             let pool = sqlx::PgPool::connect(&admin).await.expect("admin");
-            let until = tokio::time::Instant::now() + Duration::from_secs(3);
-            while tokio::time::Instant::now() < until {
+            let until = tokio::time::Instant::now() + Duration::from_secs(60);
+            while retries.get() == 0 && tokio::time::Instant::now() < until {
                 let _ = sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                      WHERE datname = $1 AND application_name LIKE 'authsync%' AND pid <> pg_backend_pid()",
@@ -132,29 +135,35 @@ async fn transient_database_failures_are_retried_without_loss() {
                 .bind(&db_name)
                 .execute(&pool)
                 .await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
     };
-    for i in 0..30 {
+    let mut logins = 0;
+    while logins < 30 || (!killer.is_finished() && logins < 1000) {
         h.produce(
-            &format!("p:t{i}"),
+            &format!("p:t{logins}"),
             &login(
-                &format!("t-{i}"),
+                &format!("t-{logins}"),
                 "2026-05-01T10:00:00Z",
-                json!({"provider": "p", "subject": format!("t{i}")}),
+                json!({"provider": "p", "subject": format!("t{logins}")}),
             ),
         )
         .await;
+        logins += 1;
+        tokio::time::sleep(Duration::from_millis(15)).await;
     }
     killer.await.expect("killer");
-    h.wait_handled(31).await;
+    let total = logins + 1;
+    h.wait_handled(total).await;
     h.wait_published().await;
-    let retries = h.worker().metrics.batch_retries.get();
     h.stop().await;
-    assert!(retries > 0, "the outage caused retries");
-    assert_eq!(h.db.count("SELECT count(*) FROM users").await, 31);
-    assert_eq!(h.db.count("SELECT count(*) FROM outbox_emitted").await, 62);
+    assert!(retries.get() > 0, "the outage caused retries");
+    assert_eq!(h.db.count("SELECT count(*) FROM users").await, total);
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox_emitted").await,
+        2 * total
+    );
 }
 
 /// librdkafka stops fetching a partition once its queue holds 5 messages.
