@@ -238,9 +238,7 @@ async fn begin(
     pool: &PgPool,
     ctx: &StepContext,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-    let mut tx = pool.begin().await?;
-    crate::store::plan_for_key_lookups(&mut tx, ctx.random_page_cost).await?;
-    Ok(tx)
+    Ok(crate::store::begin_step(pool, ctx.random_page_cost).await?)
 }
 
 /// Applies `messages` in one transaction; falls back to one savepoint per message when

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
 use crate::config::DatabaseConfig;
 
@@ -98,15 +98,17 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
-/// Sets the planner's `random_page_cost` for the rest of the current transaction only.
-pub async fn plan_for_key_lookups(conn: &mut PgConnection, cost: f64) -> Result<(), sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"SELECT set_config('random_page_cost', $1, true) AS "set!""#,
-        cost.to_string()
-    )
-    .fetch_one(conn)
+/// Begins a step transaction planned for batched key lookups: `random_page_cost` is set
+/// for this transaction only, in the same round trip as `BEGIN`. `random_page_cost` is a
+/// validated, finite number (`database.random_page_cost`), so formatting it is safe.
+pub async fn begin_step(
+    pool: &PgPool,
+    random_page_cost: f64,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with(format!(
+        "BEGIN; SET LOCAL random_page_cost = {random_page_cost}"
+    ))
     .await
-    .map(|_| ())
 }
 
 /// `SELECT 1`, for readiness.

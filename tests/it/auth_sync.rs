@@ -419,15 +419,19 @@ async fn step_transactions_plan_key_lookups_and_leave_the_session_alone() {
         default_cost
     );
 
-    let mut conn = db.pool.acquire().await.expect("connection");
+    // One connection, so the check after the commit sees the connection the step used.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .expect("pool");
     let server_cost: String = sqlx::query_scalar("SHOW random_page_cost")
-        .fetch_one(&mut *conn)
+        .fetch_one(&pool)
         .await
         .expect("show");
-    let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
-    authsync::store::plan_for_key_lookups(&mut tx, default_cost)
+    let mut tx = authsync::store::begin_step(&pool, default_cost)
         .await
-        .expect("set");
+        .expect("begin");
     let plan: Vec<String> = sqlx::query_scalar(explain)
         .bind(&ids)
         .fetch_all(&mut *tx)
@@ -439,7 +443,7 @@ async fn step_transactions_plan_key_lookups_and_leave_the_session_alone() {
     tx.commit().await.expect("commit");
 
     let after: String = sqlx::query_scalar("SHOW random_page_cost")
-        .fetch_one(&mut *conn)
+        .fetch_one(&pool)
         .await
         .expect("show");
     assert_eq!(
