@@ -9,7 +9,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// A Kafka header: name and value.
-type Header = (String, Vec<u8>);
+pub type Header = (String, Vec<u8>);
 
 /// A message to publish once the transaction that wrote it commits.
 #[derive(Clone, Debug)]
@@ -21,11 +21,11 @@ pub struct NewMessage {
     pub event_type: String,
     pub payload: Vec<u8>,
     /// Kafka headers, in order (stored as JSON, see [`encode_headers`]).
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<Header>,
 }
 
 /// Headers as JSON: `[{"k": name, "v": text}]` or `{"k": name, "b": [bytes]}` for non-UTF-8.
-pub fn encode_headers(headers: &[(String, Vec<u8>)]) -> serde_json::Value {
+pub fn encode_headers(headers: &[Header]) -> serde_json::Value {
     serde_json::Value::Array(
         headers
             .iter()
@@ -37,7 +37,7 @@ pub fn encode_headers(headers: &[(String, Vec<u8>)]) -> serde_json::Value {
     )
 }
 
-pub fn decode_headers(value: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
+pub fn decode_headers(value: &serde_json::Value) -> Vec<Header> {
     let Some(items) = value.as_array() else {
         return Vec::new();
     };
