@@ -54,7 +54,7 @@ pub struct StepContext {
     pub merge: MergeConfig,
     pub identity: Arc<IdentityPolicy>,
     pub max_message_bytes: usize,
-    /// `database.random_page_cost`, set for each step transaction.
+    /// `database.random_page_cost`, set for each step transaction (`store::begin_step`).
     pub random_page_cost: f64,
 }
 
@@ -233,14 +233,6 @@ pub trait Step: Sync {
     ) -> impl std::future::Future<Output = Result<BatchReport, StoreError>> + Send + 'a;
 }
 
-/// A step transaction, planned for batched key lookups (see `database.random_page_cost`).
-async fn begin(
-    pool: &PgPool,
-    ctx: &StepContext,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-    Ok(crate::store::begin_step(pool, ctx.random_page_cost).await?)
-}
-
 /// Applies `messages` in one transaction; falls back to one savepoint per message when
 /// the database rejects the batch. Transient failures are returned for the caller to retry
 /// (nothing is committed then).
@@ -253,7 +245,7 @@ pub async fn run_batch<S: Step>(
     let decoded: Vec<S::Decoded> = messages.iter().map(|m| step.decode(ctx, m)).collect();
     let items: Vec<(&InputMessage, &S::Decoded)> = messages.iter().zip(decoded.iter()).collect();
 
-    let mut tx = begin(pool, ctx).await?;
+    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost).await?;
     match step.apply(&mut tx, ctx, &items).await {
         Ok(report) => {
             tx.commit().await?;
@@ -270,7 +262,7 @@ pub async fn run_batch<S: Step>(
         isolated: true,
         ..BatchReport::default()
     };
-    let mut tx = begin(pool, ctx).await?;
+    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost).await?;
     for item in &items {
         let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
         match step
