@@ -176,10 +176,11 @@ pub fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
-/// Caps glibc's malloc arenas at two. By default glibc grows up to eight arenas per core
-/// as threads (tokio workers, librdkafka, sqlx) allocate concurrently; the freed memory of
-/// each stays mapped. Measured on the `returning` benchmark: peak RSS 121 -> 103 MiB at
-/// the same throughput. Call before any thread starts.
+/// Caps glibc's malloc arenas at two (librdkafka's C code; Rust's allocations go to
+/// jemalloc, see `allocator`). By default glibc grows up to eight arenas per core as
+/// threads allocate concurrently; the freed memory of each stays mapped. Measured on the
+/// `returning` benchmark (before jemalloc): peak RSS 121 -> 103 MiB at the same throughput.
+/// Call before any thread starts.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; called before other threads exist.

@@ -1,6 +1,7 @@
 //! authsync: login and merge events on Kafka become idempotent changes in Postgres, and
 //! their results leave through a transactional outbox. See `docs/ARCHITECTURE.md`.
 
+mod allocator;
 pub mod app;
 pub mod config;
 pub mod consumer;
