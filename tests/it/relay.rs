@@ -397,10 +397,11 @@ async fn pipelined_relay_publishes_concurrent_commits_once_in_key_order() {
     );
 }
 
-/// A batch larger than one insert statement's payload budget goes in several statements:
-/// still in order, still skipping ids emitted before and ids repeated across the chunks.
+/// A batch larger than one `COPY` message's budget is streamed in several pieces: still in
+/// order, still skipping ids emitted before and ids repeated in the batch, and every column
+/// (a NULL key, binary headers) arrives as written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_outbox_insert_keeps_order_and_skips_repeats_across_statements() {
+async fn large_outbox_insert_keeps_order_skips_repeats_and_every_column() {
     let h = Harness::new().await;
     let topic = h.config.topics.user_events.clone();
     let big = |n: u32| {
@@ -415,6 +416,9 @@ async fn large_outbox_insert_keeps_order_and_skips_repeats_across_statements() {
         .await
         .expect("insert early");
     let mut batch: Vec<NewMessage> = (1..600).map(big).collect();
+    batch[300].key = None;
+    batch[300].headers = vec![("a".into(), b"text".to_vec()), ("b".into(), vec![0, 0xfe])];
+    let odd = batch[300].clone();
     batch.insert(0, early.clone()); // emitted before: skipped
     let repeat = batch[450].clone(); // repeated in a later chunk: skipped
     batch.push(repeat);
@@ -430,6 +434,24 @@ async fn large_outbox_insert_keeps_order_and_skips_repeats_across_statements() {
     .expect("read");
     let expected: Vec<i64> = (0..600).collect();
     assert_eq!(ns, expected, "one row per id, in insertion order");
+    let (key, headers, event_type, topic_read): (
+        Option<Vec<u8>>,
+        serde_json::Value,
+        String,
+        String,
+    ) = sqlx::query_as(
+        "SELECT message_key, headers, event_type, topic FROM outbox WHERE event_id = $1",
+    )
+    .bind(odd.event_id)
+    .fetch_one(&h.db.pool)
+    .await
+    .expect("read odd row");
+    assert_eq!(key, None);
+    assert_eq!(outbox::decode_headers(&headers), odd.headers);
+    assert_eq!(
+        (event_type.as_str(), topic_read.as_str()),
+        ("test", topic.as_str())
+    );
 }
 
 /// The inbox retention forgets events handled longer ago than the window and keeps the
