@@ -3,9 +3,8 @@
 //! Per batch, independent of its size: one inbox statement, one locking read of the known
 //! users, the sign-up statements (only when there are first logins), one write per table
 //! touched, four reads for the result views and the outbox insert (a ledger statement and
-//! a `COPY`). A batch with first
-//! logins adds one read of link candidates; one that can change roles, attributes or UPNs
-//! adds one read of those.
+//! a `COPY`). A batch with first logins adds one read of link candidates; one that can
+//! change roles, attributes or UPNs adds one read of those.
 
 use std::collections::{HashMap, HashSet};
 

@@ -63,9 +63,10 @@ pub fn decode_headers(value: &serde_json::Value) -> Vec<Header> {
 const COPY_SEND_BYTES: usize = 512 * 1024;
 
 /// The outbox's columns as `COPY` receives them (binary format, in this order).
-const COPY_OUTBOX: &str =
-    "COPY outbox (event_id, topic, message_key, event_type, payload, headers) \
-                           FROM STDIN (FORMAT binary)";
+const COPY_OUTBOX: &str = concat!(
+    "COPY outbox (event_id, topic, message_key, event_type, payload, headers) ",
+    "FROM STDIN (FORMAT binary)"
+);
 
 /// Inserts messages in order (their `id`s follow it), skipping any whose event id was
 /// emitted before (within the retention) or repeats in `messages`; returns how many were new.
@@ -73,10 +74,10 @@ const COPY_OUTBOX: &str =
 /// Two statements: the ids go into the `outbox_emitted` ledger first (`ON CONFLICT DO
 /// NOTHING`, which also waits for a concurrent transaction emitting the same id, so two
 /// transactions never both publish one event); the rows whose ids were new are then
-/// streamed with `COPY`. Measured on the benchmark's payloads (2.9 KB), `COPY` costs
-/// Postgres 17–19 µs of CPU per row where one `INSERT … SELECT FROM UNNEST(…)` of the
-/// same rows, with the ledger in a CTE, cost 37–41 µs: decoding a `bytea[]` parameter of
-/// ~1.5 MB is most of the difference.
+/// streamed with `COPY`. For 500 of the benchmark's rows (2.9 KB payloads) `COPY` costs
+/// Postgres 17–19 µs of CPU per row, where one `INSERT … SELECT FROM UNNEST(…)` with the
+/// ledger in a CTE cost 37–41 µs (decoding a ~1.5 MB `bytea[]` parameter is most of it);
+/// in the `returning` benchmark, Postgres's CPU per event fell by 5–9%.
 pub async fn insert(conn: &mut PgConnection, messages: &[NewMessage]) -> Result<u64, sqlx::Error> {
     let mut seen = std::collections::HashSet::with_capacity(messages.len());
     let messages: Vec<&NewMessage> = messages
