@@ -371,6 +371,15 @@ impl Bench {
         })
     }
 
+    /// The broker's CPU time since `before` (read at `t0`) over the wall time, in cores: at
+    /// 1k/s tansu alone can take half of a two-core machine or more.
+    fn broker_cores_since(&self, before: Option<f64>, t0: Instant) -> Option<f64> {
+        let secs = t0.elapsed().as_secs_f64();
+        self.broker_pid
+            .zip(before)
+            .map(|(p, before)| (cpu_secs(p) - before) / secs.max(f64::EPSILON))
+    }
+
     fn ctx(config: &Config) -> anyhow::Result<StepContext> {
         Ok(StepContext::from_config(config)?)
     }
@@ -943,8 +952,13 @@ impl Bench {
     /// same pacing and duration, an input topic, a forwarder with the worker's consumer and
     /// relay-producer settings (and nothing else in between), an output topic, the same
     /// reader. (tansu's in-memory storage slows as topics grow, so a shorter floor run
-    /// would flatter the broker.) Returns (p50, p99) in ms.
-    async fn broker_floor(&self, config: &Config, n: usize) -> anyhow::Result<(f64, f64)> {
+    /// would flatter the broker.) Returns (p50, p99) in ms and, when the bench started the
+    /// broker, the cores it used meanwhile.
+    async fn broker_floor(
+        &self,
+        config: &Config,
+        n: usize,
+    ) -> anyhow::Result<(f64, f64, Option<f64>)> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let (input, output) = (
             format!("bench.floor-in.{suffix}"),
@@ -996,6 +1010,7 @@ impl Bench {
         Self::warmed(&producer, &input).await?;
         // One clock for both sides: the payload carries its send time (µs since t0), padded
         // to about a login's size.
+        let broker_cpu_before = self.broker_pid.map(cpu_secs);
         let t0 = Instant::now();
         let sender = tokio::spawn({
             let (producer, topic) = (producer.clone(), input.clone());
@@ -1026,11 +1041,12 @@ impl Bench {
             latencies.push(t0.elapsed().as_secs_f64() * 1000.0 - sent_us / 1000.0);
         }
         sender.await?;
+        let broker_cores = self.broker_cores_since(broker_cpu_before, t0);
         stop.cancel();
         forwarding.await?;
         latencies.sort_by(|a, b| a.total_cmp(b));
         let pct = |q: f64| percentile(&latencies, q);
-        Ok((pct(0.5), pct(0.99)))
+        Ok((pct(0.5), pct(0.99), broker_cores))
     }
 
     /// 1k events/s paced; latency = produce → result event readable on the output topic.
@@ -1040,7 +1056,7 @@ impl Bench {
         let mut config = self.config(&db, &suffix, free_port()?);
         config.consumer.batch_size = self.args.batch_size;
         progress("latency: broker floor (two hops through a forwarder, no database)");
-        let (floor_p50, floor_p99) = self.broker_floor(&config, n).await?;
+        let (floor_p50, floor_p99, floor_broker_cores) = self.broker_floor(&config, n).await?;
         progress("latency: the pipeline");
         self.create_topics(&config).await?;
         let mut child = self.spawn_worker(&config)?;
@@ -1059,6 +1075,8 @@ impl Bench {
         Self::warmed(&producer, &config.topics.login).await?;
         let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
         let users = 1000;
+        let broker_cpu_before = self.broker_pid.map(cpu_secs);
+        let t0 = Instant::now();
         let sender = {
             let (sent, topic, producer) =
                 (sent.clone(), config.topics.login.clone(), producer.clone());
@@ -1100,12 +1118,15 @@ impl Bench {
             }
         }
         sender.await?;
+        let broker_cores = self.broker_cores_since(broker_cpu_before, t0);
+        let broker_secs = broker_cores.map(|c| c * t0.elapsed().as_secs_f64());
         let rss = peak_rss(pid);
-        let cpu = Cpu::of(pid, &db, None).await;
+        let cpu = Cpu::of(pid, &db, broker_secs).await;
         // The worker's own view: transaction start -> broker ack, and batch sizes / times.
         let worker = scrape(config.http.listen).await.unwrap_or_default();
         let w = WorkerStats::of(&worker);
         let tenth = |v: f64| (v * 10.0).round() / 10.0;
+        let hundredth = |v: f64| (v * 100.0).round() / 100.0;
         let stages = serde_json::json!({
             "produce_to_batch_p50_ms": tenth(w.consume_p50_ms),
             "produce_to_batch_p99_ms": tenth(w.consume_p99_ms),
@@ -1122,7 +1143,7 @@ impl Bench {
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         latencies.sort_by(|a, b| a.total_cmp(b));
         let pct = |q: f64| percentile(&latencies, q);
-        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: merge(serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": tenth(floor_p50), "broker_floor_p99_ms": tenth(floor_p99), "p50_over_floor": (pct(0.5) / floor_p50 * 100.0).round() / 100.0, "p99_over_floor": (pct(0.99) / floor_p99 * 100.0).round() / 100.0}), stages) }.print();
+        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: merge(serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": tenth(floor_p50), "broker_floor_p99_ms": tenth(floor_p99), "p50_over_floor": (pct(0.5) / floor_p50 * 100.0).round() / 100.0, "p99_over_floor": (pct(0.99) / floor_p99 * 100.0).round() / 100.0, "broker_floor_cores": floor_broker_cores.map(hundredth), "broker_cores": broker_cores.map(hundredth)}), stages) }.print();
         db.drop().await;
         Ok(())
     }
