@@ -314,7 +314,7 @@ impl Bench {
         db: &Db,
         processed: u64,
     ) -> anyhow::Result<PipelineRun> {
-        let broker_cpu_before = self.broker_pid.map(cpu_secs);
+        let broker_cpu_before = self.broker_cpu_secs();
         let mut child = self.spawn_worker(config)?;
         let pid = child.id();
         let addr = config.http.listen;
@@ -347,10 +347,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let rss = peak_rss(pid);
-        let broker_secs = self
-            .broker_pid
-            .zip(broker_cpu_before)
-            .map(|(p, before)| cpu_secs(p) - before);
+        let broker_secs = self.broker_cpu_secs_since(broker_cpu_before);
         let cpu = Cpu::of(pid, db, broker_secs).await;
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -371,13 +368,14 @@ impl Bench {
         })
     }
 
-    /// The broker's CPU time since `before` (read at `t0`) over the wall time, in cores: at
-    /// 1k/s tansu alone can take half of a two-core machine or more.
-    fn broker_cores_since(&self, before: Option<f64>, t0: Instant) -> Option<f64> {
-        let secs = t0.elapsed().as_secs_f64();
-        self.broker_pid
-            .zip(before)
-            .map(|(p, before)| (cpu_secs(p) - before) / secs.max(f64::EPSILON))
+    /// The broker's CPU seconds now, when the bench started it (`None` otherwise).
+    fn broker_cpu_secs(&self) -> Option<f64> {
+        self.broker_pid.map(cpu_secs)
+    }
+
+    /// The broker's CPU seconds since `before` (a `broker_cpu_secs` reading).
+    fn broker_cpu_secs_since(&self, before: Option<f64>) -> Option<f64> {
+        self.broker_cpu_secs().zip(before).map(|(now, b)| now - b)
     }
 
     fn ctx(config: &Config) -> anyhow::Result<StepContext> {
@@ -462,6 +460,12 @@ fn sum_metric(text: &str, name: &str) -> f64 {
 
 /// CPU seconds (user + system) process `pid` has used so far; 0 when it cannot be read.
 /// (CPU time per event compares builds on a noisy machine better than wall time does.)
+/// CPU seconds over the wall time since `t0`: at 1k/s tansu alone can take half of a
+/// two-core machine or more.
+fn cores(cpu_secs: f64, t0: Instant) -> f64 {
+    cpu_secs / t0.elapsed().as_secs_f64().max(f64::EPSILON)
+}
+
 fn cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
@@ -1010,7 +1014,7 @@ impl Bench {
         Self::warmed(&producer, &input).await?;
         // One clock for both sides: the payload carries its send time (µs since t0), padded
         // to about a login's size.
-        let broker_cpu_before = self.broker_pid.map(cpu_secs);
+        let broker_cpu_before = self.broker_cpu_secs();
         let t0 = Instant::now();
         let sender = tokio::spawn({
             let (producer, topic) = (producer.clone(), input.clone());
@@ -1041,7 +1045,9 @@ impl Bench {
             latencies.push(t0.elapsed().as_secs_f64() * 1000.0 - sent_us / 1000.0);
         }
         sender.await?;
-        let broker_cores = self.broker_cores_since(broker_cpu_before, t0);
+        let broker_cores = self
+            .broker_cpu_secs_since(broker_cpu_before)
+            .map(|secs| cores(secs, t0));
         stop.cancel();
         forwarding.await?;
         latencies.sort_by(|a, b| a.total_cmp(b));
@@ -1075,7 +1081,7 @@ impl Bench {
         Self::warmed(&producer, &config.topics.login).await?;
         let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
         let users = 1000;
-        let broker_cpu_before = self.broker_pid.map(cpu_secs);
+        let broker_cpu_before = self.broker_cpu_secs();
         let t0 = Instant::now();
         let sender = {
             let (sent, topic, producer) =
@@ -1118,8 +1124,8 @@ impl Bench {
             }
         }
         sender.await?;
-        let broker_cores = self.broker_cores_since(broker_cpu_before, t0);
-        let broker_secs = broker_cores.map(|c| c * t0.elapsed().as_secs_f64());
+        let broker_secs = self.broker_cpu_secs_since(broker_cpu_before);
+        let broker_cores = broker_secs.map(|secs| cores(secs, t0));
         let rss = peak_rss(pid);
         let cpu = Cpu::of(pid, &db, broker_secs).await;
         // The worker's own view: transaction start -> broker ack, and batch sizes / times.
