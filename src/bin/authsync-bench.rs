@@ -1149,7 +1149,7 @@ impl Bench {
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         latencies.sort_by(|a, b| a.total_cmp(b));
         let pct = |q: f64| percentile(&latencies, q);
-        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: merge(serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": tenth(floor_p50), "broker_floor_p99_ms": tenth(floor_p99), "p50_over_floor": (pct(0.5) / floor_p50 * 100.0).round() / 100.0, "p99_over_floor": (pct(0.99) / floor_p99 * 100.0).round() / 100.0, "broker_floor_cores": floor_broker_cores.map(hundredth), "broker_cores": broker_cores.map(hundredth)}), stages) }.print();
+        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: merge(serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": tenth(floor_p50), "broker_floor_p99_ms": tenth(floor_p99), "p50_over_floor": hundredth(pct(0.5) / floor_p50), "p99_over_floor": hundredth(pct(0.99) / floor_p99), "broker_floor_cores": floor_broker_cores.map(hundredth), "broker_cores": broker_cores.map(hundredth)}), stages) }.print();
         db.drop().await;
         Ok(())
     }
