@@ -15,7 +15,7 @@ use crate::consumer::{self, BatchHandler, StepHandler};
 use crate::steps::auth_sync::AuthSync;
 use crate::steps::merge::AccountMerge;
 use crate::steps::StepContext;
-use crate::telemetry::{self, Health, Metrics};
+use crate::telemetry::{self, Component, Health, Metrics};
 use crate::{kafka, relay, store};
 
 #[derive(Clone, Debug, Default)]
@@ -77,7 +77,11 @@ pub async fn start(
     kafka::ensure_topics(&config, options.create_topics).await?;
 
     let metrics = Metrics::new();
-    let health = Health::new(config.consumer.unready_after_failures);
+    let health = Health::with(
+        config.consumer.unready_after_failures,
+        std::time::Duration::from_secs(config.consumer.stalled_after_secs),
+        Some(metrics.clone()),
+    );
     let http_addr = telemetry::serve_http(
         config.http.listen,
         metrics.clone(),
@@ -104,20 +108,21 @@ pub async fn start(
         Arc::new(StepHandler {
             pool: pool.clone(),
             ctx,
-            step: AccountMerge,
+            step: AccountMerge::default(),
         }),
     );
 
     let relay_task = if config.relay.enabled {
-        let (cfg, pool, metrics, token) = (
+        let (cfg, pool, metrics, token, health) = (
             config.clone(),
             pool.clone(),
             metrics.clone(),
             shutdown.clone(),
+            health.clone(),
         );
-        Some(tokio::spawn(async move {
-            relay::run(&cfg, pool, metrics, token).await
-        }))
+        Some(tokio::spawn(supervise_relay(
+            cfg, pool, metrics, health, token,
+        )))
     } else {
         None
     };
@@ -127,10 +132,7 @@ pub async fn start(
         // A consumer that cannot start takes the process down with it.
         shutdown.cancel();
         let relayed = match relay_task {
-            Some(relay) => relay
-                .await
-                .context("relay task panicked")
-                .and_then(|r| Ok(r?)),
+            Some(relay) => relay.await.context("relay supervisor panicked"),
             None => Ok(()),
         };
         // Close the connections now: operator commands read them as "workers are live".
@@ -146,6 +148,45 @@ pub async fn start(
         pool,
         handle,
     })
+}
+
+/// Runs the relay until `shutdown`, restarting it when it fails or panics: a relay that is
+/// gone while the worker keeps filling the outbox must never go unnoticed. While it is
+/// down, `/readyz` says so and `authsync_component_up{component="relay"}` is 0.
+async fn supervise_relay(
+    config: Config,
+    pool: PgPool,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let mut restarts = 0u32;
+    while !shutdown.is_cancelled() {
+        health.set_component(Component::Relay, true);
+        let (cfg, pool, metrics, token) = (
+            config.clone(),
+            pool.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        let ended = tokio::spawn(async move { relay::run(&cfg, pool, metrics, token).await }).await;
+        if shutdown.is_cancelled() {
+            break;
+        }
+        health.set_component(Component::Relay, false);
+        match ended {
+            Ok(Ok(())) => tracing::error!("relay stopped without being asked to; restarting it"),
+            Ok(Err(e)) => tracing::error!(error = %e, "relay failed; restarting it"),
+            Err(e) => tracing::error!(error = %e, "relay panicked; restarting it"),
+        }
+        restarts += 1;
+        let delay = std::time::Duration::from_millis(500 * u64::from(restarts.min(20)));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    health.set_component(Component::Relay, false);
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

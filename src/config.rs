@@ -296,6 +296,14 @@ pub struct ConsumerConfig {
     /// pre-fetch queue is full. librdkafka's 1000 ms default idles the pipeline for up to a
     /// second whenever the worker catches up (replays ran at 48k/s instead of 114k/s).
     pub fetch_queue_backoff_ms: u64,
+    /// An input event whose `time` is further than this ahead of the worker's clock is
+    /// dead-lettered (`invalid_field`): a login from the year 2999 would otherwise make
+    /// every real login of its user "stale".
+    pub max_clock_skew_secs: u64,
+    /// A partition that holds messages and has not committed a batch for this long, or
+    /// whose batch has failed `unready_after_failures` times in a row, is `stalled`: it
+    /// shows in `/readyz`, in `authsync_partition_stalled` and in the alert.
+    pub stalled_after_secs: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -303,7 +311,9 @@ impl Default for ConsumerConfig {
         Self {
             batch_size: 500,
             batch_linger_ms: 5,
-            max_message_bytes: 1024 * 1024,
+            // A dead letter carries the whole value plus headers; it must fit under the
+            // producer's `relay.message_max_bytes` (librdkafka's and Kafka's ~1 MB).
+            max_message_bytes: 960 * 1024,
             max_batches_in_flight: 4,
             drain_timeout_ms: 25_000,
             retry_initial_ms: 100,
@@ -313,6 +323,8 @@ impl Default for ConsumerConfig {
             prefetch_kbytes_per_partition: 512,
             fetch_max_kbytes: 256,
             fetch_queue_backoff_ms: 10,
+            max_clock_skew_secs: 300,
+            stalled_after_secs: 120,
         }
     }
 }
@@ -333,8 +345,21 @@ pub struct RelayConfig {
     pub outbox_retention_hours: u64,
     /// Inbox rows (the de-duplication window) are deleted after this long.
     pub inbox_retention_hours: u64,
-    /// How often the retention clean-up runs.
+    /// How often the retention clean-up runs. Each run deletes everything expired, in
+    /// statements of `cleanup_batch_rows` rows, so it keeps up with any sustained rate.
     pub cleanup_interval_secs: u64,
+    /// Rows one clean-up statement deletes (short statements: no long row locks, no long
+    /// transaction holding back vacuum).
+    pub cleanup_batch_rows: i64,
+    /// librdkafka `message.max.bytes` of the relay's producer: the largest message it
+    /// sends. A result or dead letter larger than this is never handed to the producer: a
+    /// dead letter's original goes to `dead_letter_bodies` and the DLQ gets a reference.
+    /// Must be at least `consumer.max_message_bytes` + 16 KiB, and at most the broker's
+    /// `message.max.bytes` (1,048,588 on a default Kafka), or the broker refuses what fits here.
+    pub message_max_bytes: usize,
+    /// A result held back longer than this by a transaction that can write the outbox is
+    /// reported: `authsync_relay_held_seconds`, a log line naming the holding backend.
+    pub held_warn_secs: u64,
     /// librdkafka `linger.ms` of the relay's producer.
     pub linger_ms: u64,
     /// librdkafka `compression.type` of the relay's producer.
@@ -351,6 +376,9 @@ impl Default for RelayConfig {
             outbox_retention_hours: 24,
             inbox_retention_hours: 24 * 7,
             cleanup_interval_secs: 60,
+            cleanup_batch_rows: 10_000,
+            message_max_bytes: 1_000_000,
+            held_warn_secs: 30,
             linger_ms: 2,
             compression: "lz4".into(),
         }
@@ -591,6 +619,36 @@ impl Config {
                 "must be at most 60000",
             ));
         }
+        if self.consumer.stalled_after_secs == 0 {
+            return Err(invalid(
+                "consumer.stalled_after_secs",
+                "must be greater than 0",
+            ));
+        }
+        if !(1000..=1_000_000_000).contains(&self.relay.message_max_bytes) {
+            return Err(invalid(
+                "relay.message_max_bytes",
+                format!(
+                    "must be between 1000 and 1000000000 (got {})",
+                    self.relay.message_max_bytes
+                ),
+            ));
+        }
+        if self.consumer.max_message_bytes + DEAD_LETTER_HEADROOM > self.relay.message_max_bytes {
+            return Err(invalid(
+                "consumer.max_message_bytes",
+                format!(
+                    "({}) plus {DEAD_LETTER_HEADROOM} bytes for a dead letter's headers must fit in relay.message_max_bytes ({}): lower it, or raise relay.message_max_bytes (and the broker's limit)",
+                    self.consumer.max_message_bytes, self.relay.message_max_bytes
+                ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.relay.cleanup_batch_rows) {
+            return Err(invalid(
+                "relay.cleanup_batch_rows",
+                "must be between 1 and 1000000",
+            ));
+        }
         if !(1..=50_000).contains(&self.relay.batch_size) {
             return Err(invalid("relay.batch_size", "must be between 1 and 50000"));
         }
@@ -643,6 +701,66 @@ impl Config {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.consumer.drain_timeout_ms)
     }
+
+    /// The configuration with every secret replaced, for `authsync config`: the database
+    /// URL's password, and librdkafka properties whose names say they hold a secret.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        for (name, value) in shown.kafka.properties.iter_mut() {
+            if is_secret_property(name) {
+                *value = REDACTED.into();
+            }
+        }
+        format!(
+            "{shown:#?}\n# database.url = {}\n",
+            redact_url(self.database.url.expose())
+        )
+    }
+}
+
+/// Room a dead letter needs beyond the original value: its original headers (most
+/// producers send a few hundred bytes) and authsync's own.
+pub const DEAD_LETTER_HEADROOM: usize = 16 * 1024;
+
+const REDACTED: &str = "<redacted>";
+
+/// librdkafka properties that hold secrets (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, `ssl.key.pem`, `sasl.jaas.config`, …).
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "token",
+        "credential",
+        "key.pem",
+        "oauthbearer.config",
+        "keystore",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
+/// A URL with its password (in the user info or a `password=` parameter) replaced.
+pub fn redact_url(url: &str) -> String {
+    let mut shown = url.to_string();
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                shown = format!("{scheme}://{user}:{REDACTED}@{host}{tail}");
+            }
+        }
+    }
+    // libpq also takes the password as a parameter.
+    if let Some(i) = shown.find("password=") {
+        let start = i + "password=".len();
+        let end = shown[start..].find('&').map_or(shown.len(), |e| start + e);
+        shown.replace_range(start..end, REDACTED);
+    }
+    shown
 }
 
 #[cfg(test)]
@@ -660,7 +778,7 @@ mod tests {
     fn defaults_are_valid() {
         let config = Config::load_from(None, env(&[])).unwrap();
         assert_eq!(config.topics.login, "auth.login.v1");
-        assert_eq!(config.consumer.max_message_bytes, 1024 * 1024);
+        assert_eq!(config.consumer.max_message_bytes, 960 * 1024);
     }
 
     #[test]
@@ -771,6 +889,69 @@ mod tests {
     fn secrets_are_not_debug_printed() {
         let config = Config::default();
         assert!(!format!("{config:?}").contains("postgres://"));
+    }
+
+    #[test]
+    fn config_output_redacts_secret_properties_and_url_passwords() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                (
+                    "AUTHSYNC_DATABASE_URL",
+                    "postgres://app:hunter2@db:5432/authsync?sslmode=require",
+                ),
+                ("AUTHSYNC_KAFKA_PROPERTY_SASL_PASSWORD", "kafka-pass-1"),
+                ("AUTHSYNC_KAFKA_PROPERTY_SSL_KEY_PASSWORD", "key-pass-2"),
+                (
+                    "AUTHSYNC_KAFKA_PROPERTY_SASL_OAUTHBEARER_CLIENT_SECRET",
+                    "oauth-3",
+                ),
+                ("AUTHSYNC_KAFKA_PROPERTY_SASL_USERNAME", "alice"),
+            ]),
+        )
+        .unwrap();
+        let shown = config.redacted();
+        for secret in ["hunter2", "kafka-pass-1", "key-pass-2", "oauth-3"] {
+            assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
+        }
+        assert!(
+            shown.contains("alice"),
+            "non-secret properties stay visible"
+        );
+        assert!(
+            shown.contains("postgres://app:<redacted>@db:5432/authsync?sslmode=require"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_url("postgres://db/authsync?user=a&password=pw&sslmode=require"),
+            "postgres://db/authsync?user=a&password=<redacted>&sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+    }
+
+    #[test]
+    fn a_producer_limit_too_small_for_the_dead_letters_is_refused_at_start_up() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("AUTHSYNC_CONSUMER_MAX_MESSAGE_BYTES", "1048576"),
+                ("AUTHSYNC_RELAY_MESSAGE_MAX_BYTES", "1000000"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("consumer.max_message_bytes") && err.contains("relay.message_max_bytes"),
+            "{err}"
+        );
+        Config::load_from(
+            None,
+            env(&[
+                ("AUTHSYNC_CONSUMER_MAX_MESSAGE_BYTES", "1048576"),
+                ("AUTHSYNC_RELAY_MESSAGE_MAX_BYTES", "1100000"),
+            ]),
+        )
+        .unwrap();
     }
 
     #[test]

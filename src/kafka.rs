@@ -121,3 +121,53 @@ pub async fn ensure_topics(config: &Config, create: bool) -> Result<(), TopicErr
     }
     Ok(())
 }
+
+/// A message's headers, in order, read without trusting them: rdkafka's safe accessor
+/// (`Headers::try_get`) panics on a header name that is not UTF-8, which a hostile producer
+/// can send, and a panic would kill the partition's task. Names that are not UTF-8 are
+/// carried with U+FFFD in place of the bad bytes (rdkafka can only produce `&str` names);
+/// values, NUL bytes included, are kept exactly. A null value becomes an empty one.
+pub fn message_headers(message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let raw = message.ptr();
+    if raw.is_null() {
+        return out;
+    }
+    let mut headers: *mut rdkafka::bindings::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `raw` is the live librdkafka message behind `message` (borrowed for this
+    // call); librdkafka owns the header list and its entries, which stay valid while the
+    // message does, and every pointer it returns is copied out before we return.
+    unsafe {
+        let err = rdkafka::bindings::rd_kafka_message_headers(raw, &mut headers);
+        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || headers.is_null()
+        {
+            return out;
+        }
+        let count = rdkafka::bindings::rd_kafka_header_cnt(headers);
+        out.reserve(count);
+        for idx in 0..count {
+            let mut name: *const std::os::raw::c_char = std::ptr::null();
+            let mut value: *const std::os::raw::c_void = std::ptr::null();
+            let mut size: usize = 0;
+            let err = rdkafka::bindings::rd_kafka_header_get_all(
+                headers, idx, &mut name, &mut value, &mut size,
+            );
+            if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                || name.is_null()
+            {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned();
+            let value = if value.is_null() || size == 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec()
+            };
+            out.push((name, value));
+        }
+    }
+    out
+}

@@ -87,6 +87,17 @@ enum DlqCommand {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Print one dead letter whole: its metadata, headers, key and value (also when the
+    /// original was too large to publish and was kept in Postgres).
+    Show {
+        /// Dead-letter topic, e.g. auth.login.v1.dlq.
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        partition: i32,
+        #[arg(long)]
+        offset: i64,
+    },
     /// Re-publish dead letters to their original topic with their original key and headers.
     Redrive {
         /// Dead-letter topic, e.g. auth.login.v1.dlq.
@@ -108,6 +119,18 @@ enum DlqCommand {
 enum OutboxCommand {
     /// Backlog, oldest unpublished age, relay leader.
     Status,
+    /// Rows the broker refused for good (too large, unknown topic, not authorized).
+    Parked {
+        /// List at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put parked rows back at the end of the outbox (after fixing their cause).
+    Retry {
+        /// Only these row ids (from `outbox parked`); all parked rows when absent.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -161,7 +184,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             ops::dev::run(config, demo, shutdown).await
         }
         Command::Config => {
-            println!("{config:#?}");
+            print!("{}", config.redacted());
             Ok(())
         }
         Command::Replay {
@@ -228,6 +251,40 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         } => {
             let pool = store::pool(&config.database)?;
             print!("{}", outbox::render(&outbox::status(&pool).await?));
+            Ok(())
+        }
+        Command::Outbox {
+            command: OutboxCommand::Parked { limit },
+        } => {
+            let pool = store::pool(&config.database)?;
+            print!(
+                "{}",
+                outbox::render_parked(&store::outbox::parked(&pool, limit).await?)
+            );
+            Ok(())
+        }
+        Command::Outbox {
+            command: OutboxCommand::Retry { ids },
+        } => {
+            let pool = store::pool(&config.database)?;
+            let ids = (!ids.is_empty()).then_some(ids.as_slice());
+            let n = store::outbox::retry_parked(&pool, ids).await?;
+            println!("{n} parked row(s) put back at the end of the outbox");
+            Ok(())
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Show {
+                    topic,
+                    partition,
+                    offset,
+                },
+        } => {
+            let pool = store::pool(&config.database)?;
+            print!(
+                "{}",
+                dlq::show(&config, &pool, &topic, partition, offset).await?
+            );
             Ok(())
         }
     }

@@ -1,8 +1,10 @@
 //! Logs, Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -60,6 +62,15 @@ pub struct Metrics {
     pub relay_publish_seconds: Histogram,
     pub outbox_publish_delay_seconds: Histogram,
     pub partitions_assigned: IntGaugeVec,
+    pub partition_stalled: IntGaugeVec,
+    pub component_up: IntGaugeVec,
+    pub relay_parked: IntCounter,
+    pub outbox_parked: IntGauge,
+    pub relay_held_seconds: IntGauge,
+    pub cleanup_deleted: IntCounterVec,
+    pub retention_overdue_seconds: IntGaugeVec,
+    pub inbox_rows: IntGauge,
+    pub last_resort_failures: IntCounter,
 }
 
 impl Metrics {
@@ -178,6 +189,51 @@ impl Metrics {
             "relay_leader",
             "1 while this process holds the relay leader lock",
         );
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            registry
+                .register(Box::new(g.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            g
+        };
+        let partition_stalled = gauge_vec(
+            "partition_stalled",
+            "1 while an owned partition is stalled (holds messages without committing for consumer.stalled_after_secs, or keeps failing)",
+            &["topic", "partition"],
+        );
+        let component_up = gauge_vec(
+            "component_up",
+            "1 while a component of this process runs (consumer, relay, http)",
+            &["component"],
+        );
+        let relay_parked = counter(
+            "relay_parked_total",
+            "Outbox rows the broker refused for good, moved to outbox_parked",
+        );
+        let outbox_parked = gauge(
+            "outbox_parked",
+            "Rows in outbox_parked (authsync outbox parked / retry)",
+        );
+        let relay_held_seconds = gauge(
+            "relay_held_seconds",
+            "How long the oldest committed result has been held back by an open transaction that can write the outbox",
+        );
+        let cleanup_deleted = counter_vec(
+            "cleanup_deleted_total",
+            "Rows the retention clean-up deleted",
+            &["table"],
+        );
+        let retention_overdue_seconds = gauge_vec(
+            "retention_overdue_seconds",
+            "How far past its retention the oldest row still present is (0: the clean-up keeps up)",
+            &["table"],
+        );
+        let inbox_rows = gauge("inbox_rows", "Inbox rows (planner estimate)");
+        let last_resort_failures = counter(
+            "last_resort_failures_total",
+            "Messages whose last-resort dead letter could not be written either (logged with their position; replay them)",
+        );
         let partitions_assigned = IntGaugeVec::new(
             Opts::new(
                 "partitions_assigned",
@@ -217,6 +273,15 @@ impl Metrics {
             relay_publish_seconds,
             outbox_publish_delay_seconds,
             partitions_assigned,
+            partition_stalled,
+            component_up,
+            relay_parked,
+            outbox_parked,
+            relay_held_seconds,
+            cleanup_deleted,
+            retention_overdue_seconds,
+            inbox_rows,
+            last_resort_failures,
         }
     }
 
@@ -236,37 +301,217 @@ impl Default for Metrics {
     }
 }
 
-/// Readiness inputs shared by the components.
-#[derive(Default)]
+/// One partition's health, as its task reports it.
+#[derive(Clone, Debug, Default)]
+struct PartitionHealth {
+    /// Consecutive failed attempts of the current batch.
+    failures: u32,
+    /// Since when the partition has held messages without committing them.
+    holding_since: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// A component of the process that must be running for it to be ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    Consumer,
+    Relay,
+    Http,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Consumer => "consumer",
+            Component::Relay => "relay",
+            Component::Http => "http",
+        }
+    }
+}
+
+/// Readiness inputs shared by the components: each partition task, the relay and the
+/// HTTP server report here; `/readyz` and `authsync_partition_stalled` read it.
 pub struct Health {
     pub consumer_running: AtomicBool,
     pub shutting_down: AtomicBool,
-    /// Consecutive transient batch failures (reset by a success).
+    /// Consecutive failed attempts of any partition (kept for the summary line).
     pub failing_batches: AtomicU32,
     pub unready_after_failures: AtomicU32,
+    stalled_after: Duration,
+    partitions: Mutex<HashMap<(String, i32), PartitionHealth>>,
+    /// Components expected to run, and whether they do.
+    components: Mutex<HashMap<Component, bool>>,
+    metrics: Option<Metrics>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            consumer_running: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            failing_batches: AtomicU32::new(0),
+            unready_after_failures: AtomicU32::new(5),
+            stalled_after: Duration::from_secs(120),
+            partitions: Mutex::default(),
+            components: Mutex::default(),
+            metrics: None,
+        }
+    }
+}
+
+/// What `/readyz` says about one stalled partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stalled {
+    pub topic: String,
+    pub partition: i32,
+    pub failures: u32,
+    pub holding_secs: u64,
+    pub last_error: Option<String>,
 }
 
 impl Health {
     pub fn new(unready_after_failures: u32) -> Arc<Self> {
-        let health = Self::default();
+        Self::with(unready_after_failures, Duration::from_secs(120), None)
+    }
+
+    /// Health that also keeps `authsync_partition_stalled` and `authsync_component_up`.
+    pub fn with(
+        unready_after_failures: u32,
+        stalled_after: Duration,
+        metrics: Option<Metrics>,
+    ) -> Arc<Self> {
+        let health = Self {
+            stalled_after,
+            metrics,
+            ..Self::default()
+        };
         health
             .unready_after_failures
             .store(unready_after_failures, Ordering::Relaxed);
         Arc::new(health)
     }
 
+    fn with_partition(&self, topic: &str, partition: i32, f: impl FnOnce(&mut PartitionHealth)) {
+        if let Ok(mut map) = self.partitions.lock() {
+            f(map.entry((topic.to_string(), partition)).or_default());
+        }
+    }
+
+    /// The partition's task took messages it has not committed yet.
+    pub fn holding(&self, topic: &str, partition: i32) {
+        self.with_partition(topic, partition, |p| {
+            p.holding_since.get_or_insert_with(Instant::now);
+        });
+    }
+
+    /// An attempt at the partition's batch failed (it will be retried).
+    pub fn failed(&self, topic: &str, partition: i32, error: &str) {
+        self.failing_batches.fetch_add(1, Ordering::Relaxed);
+        self.with_partition(topic, partition, |p| {
+            p.failures += 1;
+            p.last_error = Some(error.chars().take(300).collect());
+        });
+    }
+
+    /// The partition's batch committed: it holds nothing now.
+    pub fn committed(&self, topic: &str, partition: i32) {
+        self.failing_batches.store(0, Ordering::Relaxed);
+        self.with_partition(topic, partition, |p| *p = PartitionHealth::default());
+    }
+
+    /// The partition is no longer this process's (revoked) or its task ended.
+    pub fn forget(&self, topic: &str, partition: i32) {
+        if let Ok(mut map) = self.partitions.lock() {
+            map.remove(&(topic.to_string(), partition));
+        }
+        if let Some(m) = &self.metrics {
+            let _ = m
+                .partition_stalled
+                .remove_label_values(&[topic, &partition.to_string()]);
+        }
+    }
+
+    /// Partitions that hold messages without committing for `stalled_after`, or whose
+    /// batch failed `unready_after_failures` times in a row. Updates the gauge.
+    pub fn stalled(&self) -> Vec<Stalled> {
+        let threshold = self.unready_after_failures.load(Ordering::Relaxed).max(1);
+        let mut out = Vec::new();
+        let Ok(map) = self.partitions.lock() else {
+            return out;
+        };
+        for ((topic, partition), p) in map.iter() {
+            let holding = p.holding_since.map(|t| t.elapsed()).unwrap_or_default();
+            let stalled = p.failures >= threshold
+                || (p.holding_since.is_some() && holding >= self.stalled_after);
+            if let Some(m) = &self.metrics {
+                m.partition_stalled
+                    .with_label_values(&[topic, &partition.to_string()])
+                    .set(i64::from(stalled));
+            }
+            if stalled {
+                out.push(Stalled {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    failures: p.failures,
+                    holding_secs: holding.as_secs(),
+                    last_error: p.last_error.clone(),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        out
+    }
+
+    /// A component that must run for the process to be ready started (`true`) or stopped.
+    pub fn set_component(&self, component: Component, up: bool) {
+        if let Ok(mut map) = self.components.lock() {
+            map.insert(component, up);
+        }
+        if let Some(m) = &self.metrics {
+            m.component_up
+                .with_label_values(&[component.as_str()])
+                .set(i64::from(up));
+        }
+    }
+
     /// `None` when ready, else why not.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    pub fn not_ready_reason(&self) -> Option<String> {
         if self.shutting_down.load(Ordering::Relaxed) {
-            return Some("shutting down");
+            return Some("shutting down".into());
         }
         if !self.consumer_running.load(Ordering::Relaxed) {
-            return Some("consumer not running");
+            return Some("consumer not running".into());
         }
-        if self.failing_batches.load(Ordering::Relaxed)
-            >= self.unready_after_failures.load(Ordering::Relaxed).max(1)
-        {
-            return Some("batches are failing transiently (database or broker)");
+        if let Ok(map) = self.components.lock() {
+            let mut down: Vec<&str> = map
+                .iter()
+                .filter(|(_, up)| !**up)
+                .map(|(c, _)| c.as_str())
+                .collect();
+            if !down.is_empty() {
+                down.sort_unstable();
+                return Some(format!("component stopped: {}", down.join(", ")));
+            }
+        }
+        let stalled = self.stalled();
+        if !stalled.is_empty() {
+            let list: Vec<String> = stalled
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}[{}] ({} failed attempts, holding for {} s{})",
+                        s.topic,
+                        s.partition,
+                        s.failures,
+                        s.holding_secs,
+                        s.last_error
+                            .as_ref()
+                            .map(|e| format!(", last error: {e}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            return Some(format!("stalled partitions: {}", list.join("; ")));
         }
         None
     }
@@ -288,7 +533,7 @@ async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if let Some(reason) = state.health.not_ready_reason() {
-        return (StatusCode::SERVICE_UNAVAILABLE, reason.to_string());
+        return (StatusCode::SERVICE_UNAVAILABLE, reason);
     }
     match crate::store::ping(&state.pool).await {
         Ok(()) => (StatusCode::OK, "ready".to_string()),
@@ -313,18 +558,32 @@ pub async fn serve_http(
         .route("/readyz", get(readyz))
         .with_state(HttpState {
             metrics,
-            health,
+            health: health.clone(),
             pool,
         });
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    health.set_component(Component::Http, true);
     tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "HTTP server failed");
+        let stop = shutdown.clone();
+        let served = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+        .await;
+        if shutdown.is_cancelled() {
+            return;
         }
+        // Without its endpoints the process cannot be probed or scraped: it ends, visibly,
+        // so that the orchestrator restarts it.
+        health.set_component(Component::Http, false);
+        match served {
+            Ok(Ok(())) => tracing::error!("HTTP server stopped; stopping the worker"),
+            Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed; stopping the worker"),
+            Err(e) => tracing::error!(error = %e, "HTTP server panicked; stopping the worker"),
+        }
+        shutdown.cancel();
     });
     Ok(addr)
 }

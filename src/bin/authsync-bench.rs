@@ -828,7 +828,7 @@ impl Bench {
                 topic: config.topics.user_events.clone(),
                 key: Some(format!("user-{}", i % 20_000).into_bytes()),
                 event_type: "user.synced".into(),
-                payload: payload.clone(),
+                payload: Some(payload.clone()),
                 headers: vec![(
                     "content-type".into(),
                     b"application/cloudevents+json".to_vec(),
@@ -846,7 +846,7 @@ impl Bench {
                         .send_result(
                             FutureRecord::to(&r.topic)
                                 .key(r.key.as_deref().unwrap_or_default())
-                                .payload(r.payload.as_slice()),
+                                .payload(r.payload.as_deref().unwrap_or_default()),
                         )
                         .ok()
                 })
@@ -1225,7 +1225,7 @@ impl Bench {
         let report = run_batch(
             &db.pool,
             &ctx,
-            &AccountMerge,
+            &AccountMerge::default(),
             std::slice::from_ref(&message),
         )
         .await?;

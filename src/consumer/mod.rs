@@ -27,7 +27,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Semaphore};
@@ -45,6 +45,14 @@ pub trait BatchHandler: Send + Sync {
     fn handle<'a>(
         &'a self,
         messages: &'a [InputMessage],
+    ) -> BoxFuture<'a, Result<BatchReport, StoreError>>;
+
+    /// Dead-letters one message whose step failed in a way no retry can fix (see
+    /// [`crate::steps::last_resort`]). Fails only while the database is unavailable.
+    fn last_resort<'a>(
+        &'a self,
+        message: &'a InputMessage,
+        error: &'a StoreError,
     ) -> BoxFuture<'a, Result<BatchReport, StoreError>>;
 }
 
@@ -64,6 +72,16 @@ where
         messages: &'a [InputMessage],
     ) -> BoxFuture<'a, Result<BatchReport, StoreError>> {
         Box::pin(run_batch(&self.pool, &self.ctx, &self.step, messages))
+    }
+
+    fn last_resort<'a>(
+        &'a self,
+        message: &'a InputMessage,
+        error: &'a StoreError,
+    ) -> BoxFuture<'a, Result<BatchReport, StoreError>> {
+        Box::pin(crate::steps::last_resort(
+            &self.pool, &self.ctx, &self.step, message, error,
+        ))
     }
 }
 
@@ -342,14 +360,7 @@ pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
 }
 
 fn to_input(message: &BorrowedMessage<'_>) -> InputMessage {
-    let headers = message
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = crate::kafka::message_headers(message);
     InputMessage {
         topic: message.topic().to_string(),
         partition: message.partition(),
@@ -415,6 +426,7 @@ impl PartitionWorker {
             let Some(state) = self.partitions.get(&self.key) else {
                 continue;
             };
+            self.health.holding(&self.key.0, self.key.1);
             let mut batch = Vec::with_capacity(self.config.batch_size.min(1024));
             batch.push(first);
             let deadline =
@@ -438,11 +450,100 @@ impl PartitionWorker {
                 break;
             };
             if !state.begin_batch() {
+                self.health.forget(&self.key.0, self.key.1);
                 continue;
             }
             self.apply(&state, &batch).await;
             state.end_batch();
+            if state.revoked.load(Ordering::SeqCst) {
+                self.health.forget(&self.key.0, self.key.1);
+            }
         }
+        self.health.forget(&self.key.0, self.key.1);
+    }
+
+    /// Runs `attempt` until it succeeds or fails in a way retrying cannot fix, backing off
+    /// between transient failures. `None` when the assignment was aborted meanwhile.
+    async fn retrying<F, Fut>(
+        &self,
+        state: &PartitionState,
+        attempt: F,
+    ) -> Option<Result<BatchReport, StoreError>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<BatchReport, StoreError>>,
+    {
+        let (topic, partition) = (self.key.0.as_str(), self.key.1);
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.config.retry_initial_ms))
+            .with_max_delay(Duration::from_millis(self.config.retry_max_ms))
+            .with_jitter()
+            .without_max_times();
+        let retried = attempt
+            .retry(backoff)
+            .when(StoreError::is_retryable)
+            .notify(|e: &StoreError, delay| {
+                self.metrics.batch_retries.inc();
+                self.health.failed(topic, partition, &e.to_string());
+                tracing::warn!(topic, partition, error = %e, kind = e.kind(), retry_in = ?delay, "batch failed transiently; retrying");
+            });
+        tokio::select! {
+            biased;
+            _ = state.abort.cancelled() => None,
+            r = retried => Some(r),
+        }
+    }
+
+    /// Applies `batch` so that the partition moves on whatever happens: transient failures
+    /// are retried; a failure no retry can fix is narrowed down to its message (the batch
+    /// is re-applied one message at a time) and that message ends in a last-resort dead
+    /// letter. `None` when the assignment was aborted meanwhile.
+    async fn apply_contained(
+        &self,
+        state: &PartitionState,
+        batch: &[InputMessage],
+    ) -> Option<BatchReport> {
+        let (topic, partition) = (self.key.0.as_str(), self.key.1);
+        let first = match self.retrying(state, || self.handler.handle(batch)).await? {
+            Ok(report) => return Some(report),
+            Err(e) => e,
+        };
+        tracing::error!(topic, partition, error = %first, kind = first.kind(), size = batch.len(), "batch failed permanently; applying its messages one by one");
+        let mut total = BatchReport {
+            isolated: true,
+            ..BatchReport::default()
+        };
+        for message in batch {
+            let one = std::slice::from_ref(message);
+            let outcome = if batch.len() == 1 {
+                Err(first.to_string())
+            } else {
+                match self.retrying(state, || self.handler.handle(one)).await? {
+                    Ok(report) => Ok(report),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            let error = match outcome {
+                Ok(report) => {
+                    total.absorb(report);
+                    continue;
+                }
+                Err(error) => StoreError::Internal(error),
+            };
+            match self
+                .retrying(state, || self.handler.last_resort(message, &error))
+                .await?
+            {
+                Ok(report) => total.absorb(report),
+                Err(e) => {
+                    // Nothing authsync writes there can be refused; if it is, say where the
+                    // message is so it can be replayed, and move on.
+                    self.metrics.last_resort_failures.inc();
+                    tracing::error!(topic, partition, offset = message.offset, error = %e, "the last-resort dead letter failed too; the message is skipped (replay it from this offset)");
+                }
+            }
+        }
+        Some(total)
     }
 
     /// Applies a batch, retrying transient failures until it commits; then stores the
@@ -462,26 +563,10 @@ impl PartitionWorker {
                 delay.observe(ms as f64 / 1000.0);
             }
         }
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.config.retry_initial_ms))
-            .with_max_delay(Duration::from_millis(self.config.retry_max_ms))
-            .with_jitter()
-            .without_max_times();
-        let attempt = || self.handler.handle(batch);
-        let retried = attempt.retry(backoff).notify(|e: &StoreError, delay| {
-            self.metrics.batch_retries.inc();
-            self.health.failing_batches.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(topic, partition = self.key.1, error = %e, retry_in = ?delay, "batch failed transiently; retrying");
-        });
-        let report = tokio::select! {
-            biased;
-            _ = state.abort.cancelled() => return,
-            r = retried => match r {
-                Ok(report) => report,
-                Err(_) => return, // without_max_times: not reached
-            },
+        let Some(report) = self.apply_contained(state, batch).await else {
+            return;
         };
-        self.health.failing_batches.store(0, Ordering::Relaxed);
+        self.health.committed(topic, self.key.1);
 
         // The transaction committed: now, and only now, the offset may move.
         let Some(last) = batch.last() else {

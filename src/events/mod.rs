@@ -34,6 +34,9 @@ pub enum ErrorClass {
     Unprocessable,
     /// JSON that is neither a normalized login nor a provider payload authsync knows.
     UnknownPayload,
+    /// authsync broke one of its own invariants on this message (a bug): logged at error
+    /// level and dead-lettered so the partition moves on.
+    Internal,
 }
 
 impl ErrorClass {
@@ -47,6 +50,7 @@ impl ErrorClass {
             ErrorClass::InvalidField => "invalid_field",
             ErrorClass::Unprocessable => "unprocessable",
             ErrorClass::UnknownPayload => "unknown_payload",
+            ErrorClass::Internal => "internal",
         }
     }
 }

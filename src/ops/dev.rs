@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
@@ -191,12 +190,12 @@ async fn run_demo(config: &Config, shutdown: &CancellationToken) -> anyhow::Resu
         };
         if message.topic() == dlq {
             dead += 1;
+            let headers = crate::kafka::message_headers(&message);
             let header = |name: &str| {
-                message
-                    .headers()
-                    .and_then(|hs| hs.iter().find(|h| h.key == name))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default()
             };
             println!(

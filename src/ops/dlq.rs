@@ -6,13 +6,15 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 
 use crate::config::Config;
 use crate::kafka::client_config;
+use crate::steps::{is_dead_letter_header, BODY_REF_HEADER};
+use crate::store::outbox::StoredBody;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,14 +93,7 @@ pub fn read_all(
                     offset: o,
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    headers: crate::kafka::message_headers(&m),
                 });
             }
         }
@@ -225,6 +220,7 @@ pub async fn redrive(
         ProgressBar::hidden()
     };
     for l in &todo {
+        let original = original_of(pool, l).await?;
         let Some(target) = l.header("authsync-original-topic") else {
             tracing::warn!(
                 partition = l.partition,
@@ -234,10 +230,12 @@ pub async fn redrive(
             continue;
         };
         let mut headers = OwnedHeaders::new();
-        for (k, v) in l
+        // The original headers, `authsync-provider` included; not the dead-letter metadata
+        // nor an earlier redrive's mark.
+        for (k, v) in original
             .headers
             .iter()
-            .filter(|(k, _)| !k.starts_with("authsync-"))
+            .filter(|(k, _)| !is_dead_letter_header(k) && k != REDRIVEN_FROM)
         {
             headers = headers.insert(Header {
                 key: k,
@@ -246,13 +244,15 @@ pub async fn redrive(
         }
         let from = format!("{}/{}/{}", request.topic, l.partition, l.offset);
         headers = headers.insert(Header {
-            key: "authsync-redriven-from",
+            key: REDRIVEN_FROM,
             value: Some(from.as_bytes()),
         });
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&target)
-            .payload(l.value.as_deref().unwrap_or_default())
-            .headers(headers);
-        if let Some(key) = &l.key {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&target).headers(headers);
+        // A tombstone stays a tombstone.
+        if let Some(value) = &original.payload {
+            record = record.payload(value.as_slice());
+        }
+        if let Some(key) = &original.key {
             record = record.key(key.as_slice());
         }
         producer
@@ -274,6 +274,94 @@ pub async fn redrive(
     }
     bar.finish_and_clear();
     Ok(outcome)
+}
+
+/// Marks a redriven message with the dead letter it came from.
+pub const REDRIVEN_FROM: &str = "authsync-redriven-from";
+
+/// The original message of a dead letter: the letter itself, or, when it was too large to
+/// publish, the copy kept in `dead_letter_bodies` (see `steps::write_outbox`).
+pub async fn original_of(pool: &PgPool, letter: &DeadLetter) -> anyhow::Result<StoredBody> {
+    let Some(reference) = letter.header(BODY_REF_HEADER) else {
+        return Ok(StoredBody {
+            key: letter.key.clone(),
+            payload: letter.value.clone(),
+            headers: letter.headers.clone(),
+        });
+    };
+    let id = uuid::Uuid::parse_str(&reference)
+        .with_context(|| format!("dead letter with a malformed {BODY_REF_HEADER}: {reference}"))?;
+    let mut body = crate::store::outbox::load_body(pool, id)
+        .await?
+        .with_context(|| {
+            format!("the original of dead letter {id} is no longer in dead_letter_bodies")
+        })?;
+    // The metadata is the letter's (the stored copy has it too, as written).
+    body.headers.retain(|(k, _)| !is_dead_letter_header(k));
+    body.headers.extend(
+        letter
+            .headers
+            .iter()
+            .filter(|(k, _)| is_dead_letter_header(k))
+            .cloned(),
+    );
+    Ok(body)
+}
+
+/// `authsync dlq show`: one dead letter, whole: metadata, headers, key and value (from
+/// `dead_letter_bodies` when it was too large to publish).
+pub async fn show(
+    config: &Config,
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> anyhow::Result<String> {
+    let (cfg, t) = (config.clone(), topic.to_string());
+    let letters = tokio::task::spawn_blocking(move || read_all(&cfg, &t, None)).await??;
+    let letter = letters
+        .iter()
+        .find(|l| l.partition == partition && l.offset == offset)
+        .with_context(|| format!("no dead letter at {topic}/{partition}/{offset}"))?;
+    let original = original_of(pool, letter).await?;
+    let printable = |bytes: &[u8]| match std::str::from_utf8(bytes) {
+        Ok(text)
+            if !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t') =>
+        {
+            text.to_string()
+        }
+        _ => format!("(binary, {} bytes) {}", bytes.len(), hex(bytes)),
+    };
+    let mut out = format!("dead letter {topic}/{partition}/{offset}\n");
+    if let Some(r) = letter.header(BODY_REF_HEADER) {
+        out.push_str(&format!(
+            "  original kept in dead_letter_bodies ({r}): too large to publish\n"
+        ));
+    }
+    out.push_str("headers:\n");
+    for (k, v) in &original.headers {
+        out.push_str(&format!("  {k}: {}\n", printable(v)));
+    }
+    out.push_str(&format!(
+        "key: {}\n",
+        original.key.as_deref().map_or("(null)".into(), printable)
+    ));
+    match &original.payload {
+        None => out.push_str("value: (null: a tombstone)\n"),
+        Some(v) => out.push_str(&format!("value ({} bytes):\n{}\n", v.len(), printable(v))),
+    }
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let shown: String = bytes.iter().take(64).map(|b| format!("{b:02x}")).collect();
+    if bytes.len() > 64 {
+        format!("{shown}…")
+    } else {
+        shown
+    }
 }
 
 pub fn render_redrive(request: &RedriveRequest, outcome: &RedriveOutcome) -> String {

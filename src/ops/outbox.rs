@@ -51,6 +51,30 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus, sqlx::Error> {
     })
 }
 
+pub fn render_parked(rows: &[outbox::Parked]) -> String {
+    if rows.is_empty() {
+        return "no parked rows\n".into();
+    }
+    let mut out = format!(
+        "{} parked row(s) (authsync outbox retry [--id N]… puts them back)\n",
+        rows.len()
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "  id {:<10} {:<12} {:<24} {:>9} bytes  parked {}  {}\n  {:>13} event {}\n",
+            r.id,
+            r.event_type,
+            r.topic,
+            r.bytes,
+            r.parked_at.to_rfc3339(),
+            r.error,
+            "",
+            r.event_id
+        ));
+    }
+    out
+}
+
 pub fn render(s: &OutboxStatus) -> String {
     let age = s
         .backlog

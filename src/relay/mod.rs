@@ -43,6 +43,10 @@ pub fn producer(config: &Config) -> Result<FutureProducer, RelayError> {
         .set("linger.ms", config.relay.linger_ms.to_string())
         .set("compression.type", &config.relay.compression)
         .set("message.timeout.ms", "60000")
+        .set(
+            "message.max.bytes",
+            config.relay.message_max_bytes.to_string(),
+        )
         .set("queue.buffering.max.messages", "200000")
         .create()
         .map_err(RelayError::Producer)
@@ -161,6 +165,7 @@ async fn lead(
     listener.listen("authsync_outbox").await?;
     let cleanup_every = Duration::from_secs(config.relay.cleanup_interval_secs.max(1));
     let mut last_cleanup = Instant::now() - cleanup_every;
+    let mut cleaning: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_check = Instant::now();
     let mut last_backlog = Instant::now() - Duration::from_secs(60);
     let mut rounds = Rounds::default();
@@ -170,6 +175,7 @@ async fn lead(
         // (Counting the outbox is a scan; every few seconds is enough for a gauge.)
         if last_backlog.elapsed() >= Duration::from_secs(5) {
             update_backlog(pool, metrics).await;
+            check_hold(config, pool, metrics).await;
             last_backlog = Instant::now();
         }
         if last_check.elapsed() >= poll * 4 {
@@ -179,8 +185,19 @@ async fn lead(
                 .await?;
             last_check = Instant::now();
         }
-        if last_cleanup.elapsed() >= cleanup_every {
-            cleanup(config, pool).await;
+        // The clean-up runs beside publishing (a long one must not hold results back).
+        if last_cleanup.elapsed() >= cleanup_every
+            && cleaning.as_ref().is_none_or(|t| t.is_finished())
+        {
+            let (config, pool, metrics, shutdown) = (
+                config.clone(),
+                pool.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            cleaning = Some(tokio::spawn(async move {
+                cleanup(&config, &pool, &metrics, &shutdown).await
+            }));
             last_cleanup = Instant::now();
         }
         if rounds.pending.is_empty() && rounds.failed {
@@ -232,25 +249,143 @@ async fn update_backlog(pool: &PgPool, metrics: &Metrics) {
             .unwrap_or(0);
         metrics.outbox_oldest_age_seconds.set(age);
     }
+    if let Ok(n) = outbox::parked_count(pool).await {
+        metrics.outbox_parked.set(n);
+    }
 }
 
-async fn cleanup(config: &Config, pool: &PgPool) {
+/// Reports a hold: committed results waiting longer than `relay.held_warn_secs` for an
+/// older transaction that can still write the outbox (an operator's session left open, a
+/// stuck migration). Publishing resumes by itself when it ends; the log names it.
+async fn check_hold(config: &Config, pool: &PgPool, metrics: &Metrics) {
+    let Ok(hold) = outbox::hold(pool).await else {
+        return;
+    };
+    let held = match (hold.rows, hold.oldest) {
+        (n, Some(oldest)) if n > 0 => (chrono::Utc::now() - oldest).num_seconds().max(0),
+        _ => 0,
+    };
+    metrics.relay_held_seconds.set(held);
+    if held >= i64::try_from(config.relay.held_warn_secs).unwrap_or(i64::MAX) {
+        tracing::warn!(
+            held_rows = hold.rows,
+            held_secs = held,
+            holder_pid = hold.pid,
+            holder_application = hold.application_name.as_deref().unwrap_or("?"),
+            holder_state = hold.state.as_deref().unwrap_or("?"),
+            holder_xact_start = ?hold.xact_start,
+            "results are held back by an open transaction in this database; they are published when it ends (see OPERATIONS: AuthsyncRelayHeld)"
+        );
+    }
+}
+
+/// Deletes everything past its retention, in statements of `relay.cleanup_batch_rows`
+/// rows, until nothing expired is left or the next clean-up is due: one run keeps up with
+/// any sustained rate (a fixed cap per run did not, above ~167 events/s).
+async fn cleanup(config: &Config, pool: &PgPool, metrics: &Metrics, shutdown: &CancellationToken) {
     let outbox_hours = i32::try_from(config.relay.outbox_retention_hours).unwrap_or(i32::MAX);
     let inbox_hours = i32::try_from(config.relay.inbox_retention_hours).unwrap_or(i32::MAX);
-    match outbox::forget_emitted_older_than(pool, outbox_hours, 10_000).await {
-        Ok(n) if n > 0 => tracing::info!(rows = n, "forgot expired emitted event ids"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "outbox clean-up failed"),
+    let batch = config.relay.cleanup_batch_rows;
+    let budget = Duration::from_secs(config.relay.cleanup_interval_secs.max(1));
+    let started = Instant::now();
+    let (mut emitted, mut inbox_rows) = (0u64, 0u64);
+    let (mut emitted_done, mut inbox_done) = (false, false);
+    while !(emitted_done && inbox_done) && started.elapsed() < budget && !shutdown.is_cancelled() {
+        if !emitted_done {
+            match outbox::forget_emitted_older_than(pool, outbox_hours, batch).await {
+                Ok(n) => {
+                    emitted += n;
+                    emitted_done = (n as i64) < batch;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox clean-up failed");
+                    emitted_done = true;
+                }
+            }
+        }
+        if !inbox_done {
+            match inbox::delete_older_than(pool, inbox_hours, batch).await {
+                Ok(n) => {
+                    inbox_rows += n;
+                    inbox_done = (n as i64) < batch;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbox clean-up failed");
+                    inbox_done = true;
+                }
+            }
+        }
     }
-    match inbox::delete_older_than(pool, inbox_hours, 10_000).await {
-        Ok(n) if n > 0 => tracing::info!(rows = n, "deleted expired inbox rows"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "inbox clean-up failed"),
+    if emitted > 0 || inbox_rows > 0 {
+        tracing::info!(
+            emitted_ids = emitted,
+            inbox_rows,
+            seconds = started.elapsed().as_secs_f64(),
+            caught_up = emitted_done && inbox_done,
+            "retention clean-up"
+        );
+    }
+    metrics
+        .cleanup_deleted
+        .with_label_values(&["inbox"])
+        .inc_by(inbox_rows);
+    metrics
+        .cleanup_deleted
+        .with_label_values(&["outbox_emitted"])
+        .inc_by(emitted);
+    // What is left past its retention (an emitted id may wait for a row still in the
+    // outbox; that is by design and shows here too).
+    if let Ok(s) = inbox::overdue_seconds(pool, inbox_hours).await {
+        metrics
+            .retention_overdue_seconds
+            .with_label_values(&["inbox"])
+            .set(s.max(0));
+    }
+    if let Ok(s) = outbox::emitted_overdue_seconds(pool, outbox_hours).await {
+        metrics
+            .retention_overdue_seconds
+            .with_label_values(&["outbox_emitted"])
+            .set(s.max(0));
+    }
+    if let Ok(n) = inbox::estimated_rows(pool).await {
+        metrics.inbox_rows.set(n);
     }
 }
 
-/// A row's delivery outcome: acknowledged (and when), or not delivered.
-type Delivered = (Sent, Option<chrono::DateTime<chrono::Utc>>);
+/// A row's delivery outcome.
+#[derive(Debug)]
+enum Outcome {
+    /// The broker acknowledged it, at this time.
+    Acked(chrono::DateTime<chrono::Utc>),
+    /// Not delivered this time (broker unavailable, timeout, queue full): read again.
+    Retry,
+    /// Refused for good (see [`is_permanent`]): parked.
+    Refused(String),
+}
+
+type Delivered = (Sent, Outcome);
+
+/// Producer errors that no retry can fix for this row: it is too large, its topic does not
+/// exist or may not be written. Every other error (broker down, timeouts, a full queue,
+/// leadership changes) passes.
+fn is_permanent(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+        )
+    )
+}
 
 /// What the relay keeps of a row once librdkafka holds its copy (not the payload).
 struct Sent {
@@ -309,11 +444,19 @@ impl Rounds {
         (outcomes, started): (Vec<Delivered>, Instant),
     ) -> Result<(), RelayError> {
         let mut published = Vec::with_capacity(outcomes.len());
+        let mut refused = Vec::new();
         let mut failed = 0usize;
-        for (row, acked_at) in &outcomes {
-            let Some(acked_at) = acked_at else {
-                failed += 1;
-                continue;
+        for (row, outcome) in &outcomes {
+            let acked_at = match outcome {
+                Outcome::Acked(at) => at,
+                Outcome::Retry => {
+                    failed += 1;
+                    continue;
+                }
+                Outcome::Refused(error) => {
+                    refused.push((row.id, error.clone()));
+                    continue;
+                }
             };
             published.push(row.id);
             metrics
@@ -324,6 +467,20 @@ impl Rounds {
             metrics
                 .outbox_publish_delay_seconds
                 .observe(delay.max(0) as f64 / 1e6);
+        }
+        if !refused.is_empty() {
+            // Parked before the held ids are released: a read meanwhile cannot send them again.
+            let parked = outbox::park(pool, &refused).await;
+            for (id, error) in &refused {
+                tracing::error!(outbox_id = id, error = %error, "the broker refused an outbox row for good; parked (authsync outbox parked)");
+            }
+            metrics.relay_parked.inc_by(refused.len() as u64);
+            if let Err(e) = parked {
+                for (row, _) in &outcomes {
+                    self.held.remove(&row.id);
+                }
+                return Err(e.into());
+            }
         }
         let deleted = if published.is_empty() {
             Ok(())
@@ -357,24 +514,26 @@ fn send_round(
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
         let mut headers = OwnedHeaders::new();
-        for (k, v) in outbox::decode_headers(&row.headers) {
+        for (k, v) in row.headers() {
             headers = headers.insert(Header {
                 key: &k,
                 value: Some(&v),
             });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&row.topic)
-            .payload(row.payload.as_slice())
-            .headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&row.topic).headers(headers);
+        if let Some(payload) = &row.payload {
+            record = record.payload(payload.as_slice());
+        }
         if let Some(key) = &row.key {
             record = record.key(key.as_slice());
         }
         // Enqueue without waiting; the delivery futures are awaited together.
         let delivery = match producer.send_result(record) {
-            Ok(delivery) => Some(delivery),
+            Ok(delivery) => Ok(delivery),
             Err((e, _)) => {
-                tracing::warn!(error = %e, "producer queue rejected a message");
-                None
+                tracing::warn!(outbox_id = row.id, error = %e, "producer rejected a message");
+                Err(e)
             }
         };
         deliveries.push((
@@ -388,11 +547,19 @@ fn send_round(
     }
     async move {
         let outcomes = join_all(deliveries.into_iter().map(|(row, d)| async move {
-            let acked = match d {
-                Some(d) => matches!(d.await, Ok(Ok(_))),
-                None => false,
+            let error = match d {
+                Ok(d) => match d.await {
+                    Ok(Ok(_)) => return (row, Outcome::Acked(chrono::Utc::now())),
+                    Ok(Err((e, _))) => Some(e),
+                    Err(_) => None, // the producer went away: retry
+                },
+                Err(e) => Some(e),
             };
-            (row, acked.then(chrono::Utc::now))
+            let outcome = match error {
+                Some(e) if is_permanent(&e) => Outcome::Refused(e.to_string()),
+                _ => Outcome::Retry,
+            };
+            (row, outcome)
         }))
         .await;
         (outcomes, started)

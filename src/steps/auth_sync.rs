@@ -20,7 +20,7 @@ use crate::events::providers::{self, RawMessage};
 use crate::events::results::{self, Linking, ResultEvent};
 use crate::events::{DecodeError, LoginEvent};
 use crate::store::identity::{self as identity_store, ClaimsState};
-use crate::store::outbox::{self, NewMessage};
+use crate::store::outbox::NewMessage;
 use crate::store::provisioning::{self, NewIdentity};
 use crate::store::users::{self, DeviceSighting, EmailState, IdentityState};
 use crate::store::{views, StoreError};
@@ -95,14 +95,20 @@ impl Step for AuthSync {
     type Decoded = Result<Vec<LoginEvent>, DecodeError>;
 
     fn decode(&self, ctx: &StepContext, message: &InputMessage) -> Self::Decoded {
-        providers::decode_login_message(
+        let events = providers::decode_login_message(
             RawMessage {
                 value: message.value.as_deref(),
                 headers: &message.headers,
                 timestamp: message.timestamp,
             },
             ctx.max_message_bytes,
-        )
+        )?;
+        let now = Utc::now();
+        for event in &events {
+            super::check_event_id(&event.event_id)?;
+            super::check_event_time(event.occurred_at, now, ctx.max_clock_skew)?;
+        }
+        Ok(events)
     }
 
     /// The key under which a whole message is dead-lettered when it cannot be applied.
@@ -142,7 +148,7 @@ impl Step for AuthSync {
             outbox_rows.extend(self.results(conn, ctx, &applied).await?);
         }
         let dead = report.dead_lettered_total();
-        report.results = outbox::insert(&mut *conn, &outbox_rows)
+        report.results = super::write_outbox(&mut *conn, ctx, &outbox_rows)
             .await?
             .saturating_sub(dead);
         Ok(report)
@@ -331,12 +337,19 @@ impl AuthSync {
         let mut devices: HashMap<(Uuid, String), DeviceSighting> = HashMap::new();
         for event in logins {
             let id = (event.provider.clone(), event.subject.clone());
+            // Every claimed identity was resolved (loaded, linked or signed up) above, under
+            // its user's lock: a miss here is a bug in this step, not a reason to retry.
             let Some(&user_id) = user_of.get(&id) else {
-                // The identity vanished between claim and read: retry the batch.
-                return Err(StoreError::Transient(sqlx::Error::RowNotFound));
+                return Err(StoreError::Internal(format!(
+                    "identity of event {} was not resolved to a user",
+                    event.event_id
+                )));
             };
             let Some(user) = users_by_id.get_mut(&user_id) else {
-                return Err(StoreError::Transient(sqlx::Error::RowNotFound));
+                return Err(StoreError::Internal(format!(
+                    "user {user_id} of event {} was not loaded",
+                    event.event_id
+                )));
             };
             let signed_up = signup_event.get(&id) == Some(&event.event_id.as_str());
             let linked = linked_event.get(&id) == Some(&event.event_id.as_str());
@@ -631,7 +644,7 @@ pub fn result_message(ctx: &StepContext, event: &ResultEvent) -> NewMessage {
         topic: ctx.topics.user_events.clone(),
         key: Some(event.user_id.to_string().into_bytes()),
         event_type: event.event_type.to_string(),
-        payload: event.to_bytes(),
+        payload: Some(event.to_bytes()),
         headers: vec![
             (
                 "content-type".into(),

@@ -13,7 +13,7 @@ use crate::events::merge::MergeRequest;
 use crate::events::results::{self, raw, ResultEvent};
 use crate::events::DecodeError;
 use crate::store::merge::{self as merge_store, MergeReport};
-use crate::store::{inbox, outbox, StoreError};
+use crate::store::{inbox, StoreError};
 
 pub const USER_MERGED: &str = "user.merged";
 pub const USER_DEACTIVATED: &str = "user.deactivated";
@@ -22,7 +22,41 @@ pub const USER_DEACTIVATED: &str = "user.deactivated";
 pub const PERMISSION_ORDER: [&str; 4] = ["read", "write", "admin", "owner"];
 pub const ROLE_ORDER: [&str; 4] = ["viewer", "member", "admin", "owner"];
 
-pub struct AccountMerge;
+/// The account-merge step. It remembers when it first saw each merge that had to wait for
+/// its users: the unknown-user budget (`merge.unknown_user_retry_secs`) counts from there,
+/// not from the producer's `time`, so a backlog after an outage does not use it up and a
+/// future `time` cannot stretch it. (A restart or a partition moving to another replica
+/// starts the budget again: a merge is never refused early.)
+#[derive(Default)]
+pub struct AccountMerge {
+    first_seen: std::sync::Mutex<std::collections::HashMap<String, chrono::DateTime<Utc>>>,
+}
+
+/// Waiting merges remembered at most; older entries are dropped first.
+const MAX_WAITING_MERGES: usize = 100_000;
+
+impl AccountMerge {
+    /// When this process first saw the merge `event_id` wait (now, the first time).
+    fn first_seen(&self, event_id: &str, now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+        let Ok(mut seen) = self.first_seen.lock() else {
+            return now;
+        };
+        if seen.len() >= MAX_WAITING_MERGES && !seen.contains_key(event_id) {
+            let cutoff = now - chrono::Duration::days(1);
+            seen.retain(|_, t| *t > cutoff);
+            if seen.len() >= MAX_WAITING_MERGES {
+                seen.clear();
+            }
+        }
+        *seen.entry(event_id.to_string()).or_insert(now)
+    }
+
+    fn resolved(&self, event_id: &str) {
+        if let Ok(mut seen) = self.first_seen.lock() {
+            seen.remove(event_id);
+        }
+    }
+}
 
 /// Cuts every array in the report to `limit` entries; says whether anything was cut.
 fn truncate_lists(value: &mut serde_json::Value, limit: usize) -> bool {
@@ -46,7 +80,10 @@ impl Step for AccountMerge {
     type Decoded = Result<MergeRequest, DecodeError>;
 
     fn decode(&self, ctx: &StepContext, message: &InputMessage) -> Self::Decoded {
-        MergeRequest::decode(message.value.as_deref(), ctx.max_message_bytes)
+        let request = MergeRequest::decode(message.value.as_deref(), ctx.max_message_bytes)?;
+        super::check_event_id(&request.event_id)?;
+        super::check_event_time(request.occurred_at, Utc::now(), ctx.max_clock_skew)?;
+        Ok(request)
     }
 
     fn inbox_key(&self, message: &InputMessage, decoded: &Self::Decoded) -> String {
@@ -81,9 +118,14 @@ impl Step for AccountMerge {
                 }
                 _ => Vec::new(),
             };
-            let age = Utc::now() - request.occurred_at;
-            let budget_left = age.num_seconds() < ctx.merge.unknown_user_retry_secs as i64;
-            match merge::decide(old, new, find(old), find(new), &chain, budget_left) {
+            let now = Utc::now();
+            let waited = now - self.first_seen(&request.event_id, now);
+            let budget_left = waited.num_seconds() < ctx.merge.unknown_user_retry_secs as i64;
+            let decision = merge::decide(old, new, find(old), find(new), &chain, budget_left);
+            if decision != MergeDecision::NotYet {
+                self.resolved(&request.event_id);
+            }
+            match decision {
                 MergeDecision::NotYet => {
                     return Err(StoreError::NotYet(format!(
                         "merge {}: user {} or {} does not exist yet",
@@ -117,7 +159,7 @@ impl Step for AccountMerge {
             }
         }
         let dead = report.dead_lettered_total();
-        report.results = outbox::insert(&mut *conn, &rows)
+        report.results = super::write_outbox(&mut *conn, ctx, &rows)
             .await?
             .saturating_sub(dead);
         Ok(report)

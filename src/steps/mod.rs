@@ -54,6 +54,10 @@ pub struct StepContext {
     pub merge: MergeConfig,
     pub identity: Arc<IdentityPolicy>,
     pub max_message_bytes: usize,
+    /// `relay.message_max_bytes`: what the producer can send (see [`write_outbox`]).
+    pub max_publish_bytes: usize,
+    /// `consumer.max_clock_skew_secs`: input `time` beyond now plus this is refused.
+    pub max_clock_skew: chrono::Duration,
     /// `database.random_page_cost`, set for each step transaction (`store::begin_step`).
     pub random_page_cost: f64,
 }
@@ -68,6 +72,10 @@ impl StepContext {
             merge: config.merge.clone(),
             identity: Arc::new(IdentityPolicy::compile(&config.identity)?),
             max_message_bytes: config.consumer.max_message_bytes,
+            max_publish_bytes: config.relay.message_max_bytes,
+            max_clock_skew: chrono::Duration::seconds(
+                i64::try_from(config.consumer.max_clock_skew_secs).unwrap_or(i64::MAX / 1000),
+            ),
             random_page_cost: config.database.random_page_cost,
         })
     }
@@ -158,18 +166,67 @@ impl BatchReport {
         self.dead_lettered.values().sum()
     }
 
-    fn absorb(&mut self, other: BatchReport) {
+    pub fn absorb(&mut self, other: BatchReport) {
         self.applied += other.applied;
         self.signed_up += other.signed_up;
         self.duplicates += other.duplicates;
         self.results += other.results;
+        self.isolated |= other.isolated;
         for (class, n) in other.dead_lettered {
             *self.dead_lettered.entry(class).or_default() += n;
         }
     }
 }
 
-/// Builds the dead letter of `message`: original key, value and headers, plus ours.
+/// The headers authsync adds to a dead letter. They are replaced when a redriven copy
+/// fails again, and removed by `authsync dlq redrive`; every other header, `authsync-provider`
+/// included, travels with the message unchanged. Headers added later use the
+/// `authsync-dlq-` prefix.
+pub const DEAD_LETTER_HEADERS: [&str; 6] = [
+    "authsync-error-class",
+    "authsync-error-reason",
+    "authsync-original-topic",
+    "authsync-original-partition",
+    "authsync-original-offset",
+    "authsync-consumer-group",
+];
+
+/// Whether `name` is dead-letter metadata (see [`DEAD_LETTER_HEADERS`]).
+pub fn is_dead_letter_header(name: &str) -> bool {
+    DEAD_LETTER_HEADERS.contains(&name) || name.starts_with("authsync-dlq-")
+}
+
+/// Longest `authsync-error-reason`: reasons quote input (a parser's complaint, a database
+/// error), and a header must not grow with it.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// A reason fit for a header and a log line: control characters (NUL included) shown as
+/// U+FFFD, at most [`MAX_REASON_BYTES`] bytes, cut on a character boundary.
+pub fn bounded_reason(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len().min(MAX_REASON_BYTES));
+    for c in reason.chars() {
+        let c = if c.is_control() { '\u{FFFD}' } else { c };
+        if out.len() + c.len_utf8() > MAX_REASON_BYTES - 3 {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// An inbox key Postgres can store: a text column cannot hold NUL, so an event id with one
+/// falls back to the message's position (a replay of the same message still finds it).
+pub fn storable_key(key: String, message: &InputMessage) -> String {
+    if key.contains('\0') {
+        message.position_key()
+    } else {
+        key
+    }
+}
+
+/// Builds the dead letter of `message`: original key, value (a null value stays null) and
+/// headers, plus the dead-letter metadata.
 pub fn dead_letter(
     ctx: &StepContext,
     message: &InputMessage,
@@ -177,11 +234,12 @@ pub fn dead_letter(
     class: &'static str,
     reason: &str,
 ) -> NewMessage {
+    let reason = bounded_reason(reason);
     let mut headers = message.headers.clone();
-    headers.retain(|(k, _)| !k.starts_with("authsync-"));
+    headers.retain(|(k, _)| !is_dead_letter_header(k));
     for (name, value) in [
         ("authsync-error-class", class.to_string()),
-        ("authsync-error-reason", reason.to_string()),
+        ("authsync-error-reason", reason.clone()),
         ("authsync-original-topic", message.topic.clone()),
         ("authsync-original-partition", message.partition.to_string()),
         ("authsync-original-offset", message.offset.to_string()),
@@ -189,14 +247,25 @@ pub fn dead_letter(
     ] {
         headers.push((name.to_string(), value.into_bytes()));
     }
-    tracing::warn!(
-        topic = %message.topic,
-        partition = message.partition,
-        offset = message.offset,
-        error_class = class,
-        error_reason = %reason,
-        "dead-lettering message"
-    );
+    if class == ErrorClass::Internal.as_str() {
+        tracing::error!(
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            error_class = class,
+            error_reason = %reason,
+            "dead-lettering message after an internal error"
+        );
+    } else {
+        tracing::warn!(
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            error_class = class,
+            error_reason = %reason,
+            "dead-lettering message"
+        );
+    }
     NewMessage {
         // Per source position: a replay of the same message is recognised, a redriven copy
         // (a new offset) that fails again is dead-lettered again.
@@ -210,9 +279,108 @@ pub fn dead_letter(
         topic: ctx.topics.dlq_for(&message.topic),
         key: message.key.clone(),
         event_type: "dead_letter".into(),
-        payload: message.value.clone().unwrap_or_default(),
+        payload: message.value.clone(),
         headers,
     }
+}
+
+/// Dead-letter headers that point at a stored original (see [`write_outbox`]).
+pub const BODY_REF_HEADER: &str = "authsync-dlq-body-ref";
+pub const BODY_BYTES_HEADER: &str = "authsync-dlq-body-bytes";
+
+/// Writes outbox rows, keeping every one within what the producer can send
+/// (`relay.message_max_bytes`). A dead letter that does not fit keeps its original in
+/// `dead_letter_bodies` and goes out as its metadata headers plus a reference
+/// ([`BODY_REF_HEADER`]); `authsync dlq show` prints the original and `authsync dlq
+/// redrive` restores it. Returns how many rows were new (see [`outbox::insert`]).
+pub async fn write_outbox(
+    conn: &mut PgConnection,
+    ctx: &StepContext,
+    rows: &[NewMessage],
+) -> Result<u64, StoreError> {
+    // Room for what the relay and librdkafka add (topic, timestamps, record framing).
+    let limit = ctx.max_publish_bytes.saturating_sub(512);
+    if rows.iter().all(|r| r.wire_bytes() <= limit) {
+        return Ok(outbox::insert(conn, rows).await?);
+    }
+    let mut fitted = Vec::with_capacity(rows.len());
+    for row in rows {
+        if row.wire_bytes() <= limit {
+            fitted.push(row.clone());
+            continue;
+        }
+        if row.event_type != "dead_letter" {
+            // Results are bounded by construction (merge reports are cut to fit); one that
+            // is not is a bug: refuse the batch rather than publish something unsendable.
+            return Err(StoreError::Internal(format!(
+                "result event {} of type {} is {} bytes, over relay.message_max_bytes",
+                row.event_id,
+                row.event_type,
+                row.wire_bytes()
+            )));
+        }
+        crate::store::outbox::store_body(&mut *conn, row).await?;
+        let mut headers: Vec<_> = row
+            .headers
+            .iter()
+            .filter(|(k, _)| is_dead_letter_header(k))
+            .cloned()
+            .collect();
+        headers.push((
+            BODY_REF_HEADER.into(),
+            row.event_id.to_string().into_bytes(),
+        ));
+        headers.push((
+            BODY_BYTES_HEADER.into(),
+            row.wire_bytes().to_string().into_bytes(),
+        ));
+        let key = row.key.clone().filter(|k| k.len() <= limit / 2);
+        fitted.push(NewMessage {
+            key,
+            payload: None,
+            headers,
+            ..row.clone()
+        });
+        tracing::warn!(
+            event_id = %row.event_id,
+            bytes = row.wire_bytes(),
+            limit,
+            "dead letter over relay.message_max_bytes: original kept in dead_letter_bodies, a reference published"
+        );
+    }
+    Ok(outbox::insert(conn, &fitted).await?)
+}
+
+/// An event id must be storable and printable: no control characters (a NUL cannot go
+/// into a Postgres text column).
+pub fn check_event_id(id: &str) -> Result<(), DecodeError> {
+    if id.chars().any(char::is_control) {
+        return Err(DecodeError::new(
+            crate::events::ErrorClass::InvalidField,
+            "event id contains a control character",
+        ));
+    }
+    Ok(())
+}
+
+/// An event `time` may not lie beyond now plus the allowed clock skew: a login dated in the
+/// future would make every real login of its user "stale" until then.
+pub fn check_event_time(
+    time: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+    skew: chrono::Duration,
+) -> Result<(), DecodeError> {
+    if time > now + skew {
+        return Err(DecodeError::new(
+            crate::events::ErrorClass::InvalidField,
+            format!(
+                "event time {} is more than {} s ahead of this worker's clock (consumer.max_clock_skew_secs)",
+                time.to_rfc3339(),
+                skew.num_seconds()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A step that applies a batch of messages inside a transaction it is handed.
@@ -277,38 +445,116 @@ pub async fn run_batch<S: Step>(
             Err(e) => {
                 savepoint.rollback().await?;
                 let (message, decoded) = *item;
-                let key = step.inbox_key(message, decoded);
-                let claimed = inbox::claim(
-                    &mut tx,
-                    &ctx.consumer_group,
-                    &[Claim {
-                        event_id: &key,
-                        topic: &message.topic,
-                        partition: message.partition,
-                        offset: message.offset,
-                        outcome: "dead_lettered",
-                    }],
-                )
-                .await?;
-                if claimed.is_empty() {
-                    report.duplicates += 1;
-                    continue;
-                }
-                let letter = dead_letter(
+                let key = storable_key(step.inbox_key(message, decoded), message);
+                // The dead letter goes in a savepoint of its own: if even it is refused, the
+                // error escapes as an internal one and the consumer's last resort takes over,
+                // for this message only.
+                let mut letter_savepoint = sqlx::Connection::begin(&mut *tx).await?;
+                let written = write_dead_letter(
+                    &mut letter_savepoint,
                     ctx,
                     message,
                     &key,
-                    ErrorClass::Unprocessable.as_str(),
+                    ErrorClass::Unprocessable,
                     &e.to_string(),
-                );
-                outbox::insert(&mut tx, &[letter]).await?;
-                *report
-                    .dead_lettered
-                    .entry(ErrorClass::Unprocessable.as_str())
-                    .or_default() += 1;
+                )
+                .await;
+                match written {
+                    Ok(r) => {
+                        letter_savepoint.commit().await?;
+                        report.absorb(r);
+                    }
+                    Err(e) if e.is_retryable() => return Err(e),
+                    Err(letter_error) => {
+                        letter_savepoint.rollback().await?;
+                        return Err(StoreError::Internal(format!(
+                            "the dead letter of {} could not be written: {letter_error} (the message failed with: {e})",
+                            message.position_key()
+                        )));
+                    }
+                }
             }
         }
     }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Claims `message` as dead-lettered under `key` and writes its dead letter; a duplicate
+/// (handled before) is counted and written nothing.
+async fn write_dead_letter(
+    conn: &mut PgConnection,
+    ctx: &StepContext,
+    message: &InputMessage,
+    key: &str,
+    class: ErrorClass,
+    reason: &str,
+) -> Result<BatchReport, StoreError> {
+    let mut report = BatchReport::default();
+    let claimed = inbox::claim(
+        &mut *conn,
+        &ctx.consumer_group,
+        &[Claim {
+            event_id: key,
+            topic: &message.topic,
+            partition: message.partition,
+            offset: message.offset,
+            outcome: "dead_lettered",
+        }],
+    )
+    .await?;
+    if claimed.is_empty() {
+        report.duplicates += 1;
+        return Ok(report);
+    }
+    let letter = dead_letter(ctx, message, key, class.as_str(), reason);
+    write_outbox(&mut *conn, ctx, &[letter]).await?;
+    *report.dead_lettered.entry(class.as_str()).or_default() += 1;
+    Ok(report)
+}
+
+/// The last resort for a message whose step failed in a way retrying cannot fix (an
+/// internal error, or a dead letter that could not be written): in a transaction of its
+/// own, claim it and dead-letter it as `internal`, under its position if its event id
+/// cannot be stored. Everything it writes is bytes or text authsync made, so only the
+/// database being unavailable can stop it (a retryable error).
+pub async fn last_resort<S: Step>(
+    pool: &PgPool,
+    ctx: &StepContext,
+    step: &S,
+    message: &InputMessage,
+    error: &StoreError,
+) -> Result<BatchReport, StoreError> {
+    let decoded = step.decode(ctx, message);
+    let key = storable_key(step.inbox_key(message, &decoded), message);
+    let mut tx = pool.begin().await?;
+    let report = match write_dead_letter(
+        &mut tx,
+        ctx,
+        message,
+        &key,
+        ErrorClass::Internal,
+        &error.to_string(),
+    )
+    .await
+    {
+        Ok(report) => report,
+        Err(e) if e.is_retryable() => return Err(e),
+        Err(_) => {
+            // The event id itself is what the database refuses: use the position.
+            tx.rollback().await?;
+            tx = pool.begin().await?;
+            write_dead_letter(
+                &mut tx,
+                ctx,
+                message,
+                &message.position_key(),
+                ErrorClass::Internal,
+                &error.to_string(),
+            )
+            .await?
+        }
+    };
     tx.commit().await?;
     Ok(report)
 }

@@ -108,3 +108,26 @@ pub async fn delete_older_than(
     .await
     .map(|r| r.rows_affected())
 }
+
+/// How far past its retention the oldest inbox row still present is, in seconds (0 when
+/// the clean-up has caught up). Only expired rows are read, which the BRIN index on
+/// `processed_at` finds without scanning the rest.
+pub async fn overdue_seconds(pool: &sqlx::PgPool, hours: i32) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT coalesce(extract(epoch FROM (now() - make_interval(hours => $1)) - min(processed_at)), 0)::int8 AS "s!"
+           FROM inbox WHERE processed_at < now() - make_interval(hours => $1)"#,
+        hours
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The inbox's size as the planner knows it (`pg_class.reltuples`, kept by vacuum and
+/// analyze): exact counts of a large table cost a full scan.
+pub async fn estimated_rows(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT greatest(reltuples, 0)::int8 AS "n!" FROM pg_class WHERE oid = 'inbox'::regclass"#
+    )
+    .fetch_one(pool)
+    .await
+}

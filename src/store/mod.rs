@@ -33,27 +33,60 @@ pub enum StoreError {
     /// The step cannot proceed yet (e.g. a merge naming a user not synced yet): retry.
     #[error("not yet possible: {0}")]
     NotYet(String),
+    /// One of authsync's own invariants broke (a row it resolved is missing, a row it wrote
+    /// does not decode): a bug. Retrying cannot help and the input is not to blame; the
+    /// message is dead-lettered as `internal` and logged at error level.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StoreError {
+    /// Whether retrying the same batch later can succeed. Everything else ends in a dead
+    /// letter: the consumer never retries a permanent or internal failure.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Transient(_) | StoreError::NotYet(_))
+    }
+
+    /// A stable name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Transient(_) => "transient",
+            StoreError::Permanent(_) => "permanent",
+            StoreError::NotYet(_) => "not_yet",
+            StoreError::Internal(_) => "internal",
+        }
     }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        let permanent = match &e {
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
-            // Decoding a row we wrote ourselves failing is a bug, not the input's fault.
-            _ => false,
-        };
-        if permanent {
-            StoreError::Permanent(e)
-        } else {
-            StoreError::Transient(e)
+        match &e {
+            // Data exceptions (22: a NUL in text, a value out of range), integrity
+            // violations (23) and program limits (54: a row or index entry too large) are
+            // caused by the input: permanent. Every other server error (connection, lock,
+            // serialization, resources, shutdown, a schema not migrated yet) may pass.
+            sqlx::Error::Database(db) => {
+                let code = db.code();
+                let code = code.as_deref().unwrap_or_default();
+                if ["22", "23", "54"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+                {
+                    StoreError::Permanent(e)
+                } else {
+                    StoreError::Transient(e)
+                }
+            }
+            // A value we could not encode came from the input.
+            sqlx::Error::Encode(_) => StoreError::Permanent(e),
+            // Reading back what authsync wrote failed, or a row it relies on is missing.
+            sqlx::Error::RowNotFound
+            | sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::TypeNotFound { .. } => StoreError::Internal(e.to_string()),
+            _ => StoreError::Transient(e),
         }
     }
 }

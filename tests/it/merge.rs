@@ -426,6 +426,7 @@ async fn merge_racing_logins_of_either_user() {
     }
     let (pool, mctx) = (db.pool.clone(), ctx.clone());
     let merge = tokio::spawn(async move {
+        let merge_step = AccountMerge::default();
         let batch = [input(
             "auth.merge.v1",
             0,
@@ -433,7 +434,7 @@ async fn merge_racing_logins_of_either_user() {
             merge_event("race-merge", x, y),
         )];
         loop {
-            match run_batch(&pool, &mctx, &AccountMerge, &batch).await {
+            match run_batch(&pool, &mctx, &merge_step, &batch).await {
                 Ok(r) => return r.applied,
                 Err(e) if e.is_retryable() => continue,
                 Err(e) => panic!("{e}"),

@@ -224,7 +224,7 @@ async fn outbox_status_shows_backlog_and_the_relay_leader() {
             topic: h.config.topics.user_events.clone(),
             key: None,
             event_type: "test".into(),
-            payload: b"{}".to_vec(),
+            payload: Some(b"{}".to_vec()),
             headers: vec![],
         }],
     )
