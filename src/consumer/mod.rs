@@ -513,22 +513,18 @@ impl PartitionWorker {
             isolated: true,
             ..BatchReport::default()
         };
+        let mut first = Some(first);
         for message in batch {
             let one = std::slice::from_ref(message);
-            let outcome = if batch.len() == 1 {
-                Err(first.to_string())
-            } else {
-                match self.retrying(state, || self.handler.handle(one)).await? {
-                    Ok(report) => Ok(report),
-                    Err(e) => Err(e.to_string()),
-                }
-            };
-            let error = match outcome {
-                Ok(report) => {
-                    total.absorb(report);
-                    continue;
-                }
-                Err(error) => StoreError::Internal(error),
+            let error = match first.take().filter(|_| batch.len() == 1) {
+                Some(error) => error,
+                None => match self.retrying(state, || self.handler.handle(one)).await? {
+                    Ok(report) => {
+                        total.absorb(report);
+                        continue;
+                    }
+                    Err(error) => error,
+                },
             };
             match self
                 .retrying(state, || self.handler.last_resort(message, &error))

@@ -107,8 +107,12 @@ impl Drop for TestDb {
 #[derive(Debug, Clone)]
 pub struct Output {
     pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// The message had no value at all (a tombstone), not an empty one.
+    pub null_value: bool,
     pub headers: HashMap<String, Vec<u8>>,
     pub header_list: Vec<(String, Vec<u8>)>,
 }
@@ -387,8 +391,11 @@ pub async fn read_topics(brokers: &str, topics: &[String], expected: usize) -> V
             .unwrap_or_default();
         out.push(Output {
             topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().unwrap_or_default().to_vec(),
+            null_value: message.payload().is_none(),
             headers: header_list.iter().cloned().collect(),
             header_list,
         });

@@ -4,6 +4,7 @@
 mod auth_sync;
 mod dead_letters;
 mod helpers;
+mod hostile;
 mod identity;
 mod merge;
 mod ops;
