@@ -55,3 +55,25 @@ LANGUAGE sql STABLE AS $$
                AND a.datname IS DISTINCT FROM current_database())),
         pg_snapshot_xmax(snap)::text::int8)
 $$;
+
+-- Merges that must wait for their users (a sign-up not synced yet) wait here, not in their
+-- partition: the partition moves on, and `merge::retry_waiting` tries the oldest merge of
+-- each key again until its users exist or its budget (counted from `first_seen_at`, when
+-- authsync first saw it) runs out. A later merge with the same key waits behind it (per-key
+-- order), whether or not it could be applied itself.
+CREATE TABLE merge_waits (
+    id              bigserial PRIMARY KEY,
+    consumer_group  text NOT NULL,
+    event_id        text NOT NULL,
+    message_key     bytea,
+    topic           text NOT NULL,
+    kafka_partition integer NOT NULL,
+    kafka_offset    bigint NOT NULL,
+    payload         bytea,
+    header_bytes    bytea NOT NULL,
+    first_seen_at   timestamptz NOT NULL DEFAULT now(),
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    attempts        integer NOT NULL DEFAULT 0,
+    UNIQUE (consumer_group, event_id)
+);
+CREATE INDEX merge_waits_key_idx ON merge_waits (consumer_group, message_key, id);

@@ -94,6 +94,7 @@ pub async fn start(
     tracing::info!(%http_addr, "HTTP endpoints up");
 
     let ctx = StepContext::from_config(&config)?;
+    let waiter_ctx = ctx.clone();
     let mut handlers: HashMap<String, Arc<dyn BatchHandler>> = HashMap::new();
     handlers.insert(
         config.topics.login.clone(),
@@ -108,10 +109,33 @@ pub async fn start(
         Arc::new(StepHandler {
             pool: pool.clone(),
             ctx,
-            step: AccountMerge::default(),
+            step: AccountMerge,
         }),
     );
 
+    let waiter_task = {
+        let (cfg, pool, ctx, metrics, token) = (
+            config.clone(),
+            pool.clone(),
+            waiter_ctx,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(supervise(
+            Component::MergeWaiter,
+            health.clone(),
+            token.clone(),
+            move || {
+                wait_for_merges(
+                    cfg.clone(),
+                    pool.clone(),
+                    ctx.clone(),
+                    metrics.clone(),
+                    token.clone(),
+                )
+            },
+        ))
+    };
     let relay_task = if config.relay.enabled {
         let (cfg, pool, metrics, token, health) = (
             config.clone(),
@@ -120,8 +144,15 @@ pub async fn start(
             shutdown.clone(),
             health.clone(),
         );
-        Some(tokio::spawn(supervise_relay(
-            cfg, pool, metrics, health, token,
+        Some(tokio::spawn(supervise(
+            Component::Relay,
+            health,
+            token.clone(),
+            move || {
+                let (cfg, pool, metrics, token) =
+                    (cfg.clone(), pool.clone(), metrics.clone(), token.clone());
+                async move { Ok(relay::run(&cfg, pool, metrics, token).await?) }
+            },
         )))
     } else {
         None
@@ -131,6 +162,7 @@ pub async fn start(
         let consumed = consumer::run(&config, handlers, m, h, shutdown.clone()).await;
         // A consumer that cannot start takes the process down with it.
         shutdown.cancel();
+        let _ = waiter_task.await;
         let relayed = match relay_task {
             Some(relay) => relay.await.context("relay supervisor panicked"),
             None => Ok(()),
@@ -150,34 +182,38 @@ pub async fn start(
     })
 }
 
-/// Runs the relay until `shutdown`, restarting it when it fails or panics: a relay that is
-/// gone while the worker keeps filling the outbox must never go unnoticed. While it is
-/// down, `/readyz` says so and `authsync_component_up{component="relay"}` is 0.
-async fn supervise_relay(
-    config: Config,
-    pool: PgPool,
-    metrics: Metrics,
+/// Runs a component until `shutdown`, restarting it when it fails or panics: a relay (or
+/// merge waiter) that is gone while the worker keeps going must never go unnoticed. While
+/// it is down, `/readyz` says so and `authsync_component_up{component=…}` is 0.
+async fn supervise<F, Fut>(
+    component: Component,
     health: Arc<Health>,
     shutdown: CancellationToken,
-) {
+    run: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let name = component.as_str();
     let mut restarts = 0u32;
     while !shutdown.is_cancelled() {
-        health.set_component(Component::Relay, true);
-        let (cfg, pool, metrics, token) = (
-            config.clone(),
-            pool.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        let ended = tokio::spawn(async move { relay::run(&cfg, pool, metrics, token).await }).await;
+        health.set_component(component, true);
+        let ended = tokio::spawn(run()).await;
         if shutdown.is_cancelled() {
             break;
         }
-        health.set_component(Component::Relay, false);
+        health.set_component(component, false);
         match ended {
-            Ok(Ok(())) => tracing::error!("relay stopped without being asked to; restarting it"),
-            Ok(Err(e)) => tracing::error!(error = %e, "relay failed; restarting it"),
-            Err(e) => tracing::error!(error = %e, "relay panicked; restarting it"),
+            Ok(Ok(())) => tracing::error!(
+                component = name,
+                "stopped without being asked to; restarting it"
+            ),
+            Ok(Err(e)) => tracing::error!(
+                component = name,
+                error = format!("{e:#}"),
+                "failed; restarting it"
+            ),
+            Err(e) => tracing::error!(component = name, error = %e, "panicked; restarting it"),
         }
         restarts += 1;
         let delay = std::time::Duration::from_millis(500 * u64::from(restarts.min(20)));
@@ -186,7 +222,43 @@ async fn supervise_relay(
             _ = shutdown.cancelled() => {}
         }
     }
-    health.set_component(Component::Relay, false);
+    health.set_component(component, false);
+}
+
+/// Tries waiting merges again every `merge.wait_poll_ms` until `shutdown`, and keeps the
+/// waiting-room gauges.
+async fn wait_for_merges(
+    config: Config,
+    pool: PgPool,
+    ctx: StepContext,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let every = std::time::Duration::from_millis(config.merge.wait_poll_ms);
+    let mut last_gauge = std::time::Instant::now() - std::time::Duration::from_secs(60);
+    while !shutdown.is_cancelled() {
+        match crate::steps::merge::retry_waiting(&pool, &ctx, 100).await {
+            Ok(n) if n > 0 => tracing::info!(merges = n, "waiting merges resolved"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "waiting merges not tried (will retry)"),
+        }
+        if last_gauge.elapsed() >= std::time::Duration::from_secs(5) {
+            if let Ok((n, oldest)) = store::merge::waiting_summary(&pool).await {
+                metrics.merges_waiting.set(n);
+                metrics.merge_wait_oldest_seconds.set(
+                    oldest
+                        .map(|t| (chrono::Utc::now() - t).num_seconds().max(0))
+                        .unwrap_or(0),
+                );
+            }
+            last_gauge = std::time::Instant::now();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    Ok(())
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

@@ -122,9 +122,12 @@ pub struct RoleRuleConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MergeConfig {
-    /// A merge naming an unknown user (maybe a sign-up not synced yet) is retried for this
-    /// long after its event time, then dead-lettered with reason `unknown_user`.
+    /// A merge naming an unknown user (maybe a sign-up not synced yet) waits, outside its
+    /// partition, for this long after authsync first saw it, then is dead-lettered with
+    /// reason `unknown_user`.
     pub unknown_user_retry_secs: u64,
+    /// How often waiting merges are tried again (each backs off from 0.2 s to 5 s).
+    pub wait_poll_ms: u64,
     /// Longest list per report field in the `user.merged` event (the `merges` table keeps
     /// the full report); longer lists are cut and `truncated` is set.
     pub report_list_limit: usize,
@@ -134,6 +137,7 @@ impl Default for MergeConfig {
     fn default() -> Self {
         Self {
             unknown_user_retry_secs: 300,
+            wait_poll_ms: 500,
             report_list_limit: 1000,
         }
     }
@@ -617,6 +621,12 @@ impl Config {
             return Err(invalid(
                 "consumer.fetch_queue_backoff_ms",
                 "must be at most 60000",
+            ));
+        }
+        if !(10..=60_000).contains(&self.merge.wait_poll_ms) {
+            return Err(invalid(
+                "merge.wait_poll_ms",
+                "must be between 10 and 60000",
             ));
         }
         if self.consumer.stalled_after_secs == 0 {

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub retention_overdue_seconds: IntGaugeVec,
     pub inbox_rows: IntGauge,
     pub last_resort_failures: IntCounter,
+    pub merges_waiting: IntGauge,
+    pub merge_wait_oldest_seconds: IntGauge,
 }
 
 impl Metrics {
@@ -234,6 +236,14 @@ impl Metrics {
             "last_resort_failures_total",
             "Messages whose last-resort dead letter could not be written either (logged with their position; replay them)",
         );
+        let merges_waiting = gauge(
+            "merges_waiting",
+            "Merges waiting for their users in merge_waits",
+        );
+        let merge_wait_oldest_seconds = gauge(
+            "merge_wait_oldest_seconds",
+            "How long the oldest waiting merge has waited since authsync first saw it",
+        );
         let partitions_assigned = IntGaugeVec::new(
             Opts::new(
                 "partitions_assigned",
@@ -282,6 +292,8 @@ impl Metrics {
             retention_overdue_seconds,
             inbox_rows,
             last_resort_failures,
+            merges_waiting,
+            merge_wait_oldest_seconds,
         }
     }
 
@@ -317,6 +329,7 @@ pub enum Component {
     Consumer,
     Relay,
     Http,
+    MergeWaiter,
 }
 
 impl Component {
@@ -325,6 +338,7 @@ impl Component {
             Component::Consumer => "consumer",
             Component::Relay => "relay",
             Component::Http => "http",
+            Component::MergeWaiter => "merge_waiter",
         }
     }
 }

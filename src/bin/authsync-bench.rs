@@ -1225,7 +1225,7 @@ impl Bench {
         let report = run_batch(
             &db.pool,
             &ctx,
-            &AccountMerge::default(),
+            &AccountMerge,
             std::slice::from_ref(&message),
         )
         .await?;

@@ -591,6 +591,7 @@ impl PartitionWorker {
         processed("applied", report.applied.saturating_sub(report.signed_up));
         processed("signed_up", report.signed_up);
         processed("duplicate", report.duplicates);
+        processed("waiting", report.waiting);
         processed("dead_lettered", report.dead_lettered_total());
         if report.duplicates > 0 {
             m.duplicates

@@ -22,40 +22,21 @@ pub const USER_DEACTIVATED: &str = "user.deactivated";
 pub const PERMISSION_ORDER: [&str; 4] = ["read", "write", "admin", "owner"];
 pub const ROLE_ORDER: [&str; 4] = ["viewer", "member", "admin", "owner"];
 
-/// The account-merge step. It remembers when it first saw each merge that had to wait for
-/// its users: the unknown-user budget (`merge.unknown_user_retry_secs`) counts from there,
-/// not from the producer's `time`, so a backlog after an outage does not use it up and a
-/// future `time` cannot stretch it. (A restart or a partition moving to another replica
-/// starts the budget again: a merge is never refused early.)
-#[derive(Default)]
-pub struct AccountMerge {
-    first_seen: std::sync::Mutex<std::collections::HashMap<String, chrono::DateTime<Utc>>>,
-}
+/// The account-merge step. A merge whose users do not exist yet (a sign-up still on its
+/// way) waits in `merge_waits` instead of in its partition: the partition moves on, and
+/// [`retry_waiting`] applies it once its users exist, or dead-letters it (`unknown_user`)
+/// when `merge.unknown_user_retry_secs` have passed since authsync first saw it.
+pub struct AccountMerge;
 
-/// Waiting merges remembered at most; older entries are dropped first.
-const MAX_WAITING_MERGES: usize = 100_000;
-
-impl AccountMerge {
-    /// When this process first saw the merge `event_id` wait (now, the first time).
-    fn first_seen(&self, event_id: &str, now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
-        let Ok(mut seen) = self.first_seen.lock() else {
-            return now;
-        };
-        if seen.len() >= MAX_WAITING_MERGES && !seen.contains_key(event_id) {
-            let cutoff = now - chrono::Duration::days(1);
-            seen.retain(|_, t| *t > cutoff);
-            if seen.len() >= MAX_WAITING_MERGES {
-                seen.clear();
-            }
-        }
-        *seen.entry(event_id.to_string()).or_insert(now)
-    }
-
-    fn resolved(&self, event_id: &str) {
-        if let Ok(mut seen) = self.first_seen.lock() {
-            seen.remove(event_id);
-        }
-    }
+/// What one merge request came to.
+enum MergeOutcome {
+    /// Applied, already done, or refused: its outbox rows (results or a dead letter).
+    Done {
+        rows: Vec<crate::store::outbox::NewMessage>,
+        dead_letter: Option<&'static str>,
+    },
+    /// A user does not exist yet and the budget is not spent.
+    NotYet,
 }
 
 /// Cuts every array in the report to `limit` entries; says whether anything was cut.
@@ -107,54 +88,43 @@ impl Step for AccountMerge {
         let claimed = super::claim_batch(&mut *conn, ctx, &candidates, &mut report).await?;
         let mut rows = claimed.dead_letters;
         for (message, request) in claimed.items {
-            let (old, new) = (request.old_user_id, request.new_user_id);
-            let mut ordered = [old, new];
-            ordered.sort();
-            let parties = merge_store::lock_parties(&mut *conn, &ordered).await?;
-            let find = |id: Uuid| parties.iter().find(|p| p.id == id);
-            let chain = match find(new) {
-                Some(p) if p.merged_into.is_some() => {
-                    merge_store::merged_chain(&mut *conn, new).await?
-                }
-                _ => Vec::new(),
+            // Per-key order: behind a waiting merge of the same key, a merge waits too.
+            let behind =
+                merge_store::key_waiting(&mut *conn, &ctx.consumer_group, message.key.as_deref())
+                    .await?;
+            let outcome = if behind {
+                MergeOutcome::NotYet
+            } else {
+                // The budget counts from now, the first time authsync sees this merge.
+                let budget_left = ctx.merge.unknown_user_retry_secs > 0;
+                self.apply_one(&mut *conn, ctx, message, request, budget_left)
+                    .await?
             };
-            let now = Utc::now();
-            let waited = now - self.first_seen(&request.event_id, now);
-            let budget_left = waited.num_seconds() < ctx.merge.unknown_user_retry_secs as i64;
-            let decision = merge::decide(old, new, find(old), find(new), &chain, budget_left);
-            if decision != MergeDecision::NotYet {
-                self.resolved(&request.event_id);
-            }
-            match decision {
-                MergeDecision::NotYet => {
-                    return Err(StoreError::NotYet(format!(
-                        "merge {}: user {} or {} does not exist yet",
-                        request.event_id, old, new
-                    )));
-                }
-                MergeDecision::AlreadyDone => {
-                    report.applied += 1;
-                }
-                MergeDecision::Reject(rejection) => {
-                    let reason =
-                        format!("{}: merge of {old} into {new} refused", rejection.as_str());
-                    inbox::mark_dead_lettered(&mut *conn, &ctx.consumer_group, &request.event_id)
-                        .await?;
-                    rows.push(dead_letter(
-                        ctx,
-                        message,
+            match outcome {
+                MergeOutcome::NotYet => {
+                    merge_store::wait(
+                        &mut *conn,
+                        &ctx.consumer_group,
                         &request.event_id,
-                        rejection.as_str(),
-                        &reason,
-                    ));
-                    *report.dead_lettered.entry(rejection.as_str()).or_default() += 1;
+                        message.key.as_deref(),
+                        &message.topic,
+                        message.partition,
+                        message.offset,
+                        message.value.as_deref(),
+                        &crate::store::outbox::pack_headers(&message.headers),
+                    )
+                    .await?;
+                    report.waiting += 1;
                 }
-                MergeDecision::Apply => {
-                    let merge_report =
-                        merge_store::transfer(&mut *conn, old, new, &PERMISSION_ORDER, &ROLE_ORDER)
-                            .await?;
-                    rows.extend(self.announce(conn, ctx, request, &merge_report).await?);
-                    report.applied += 1;
+                MergeOutcome::Done {
+                    rows: more,
+                    dead_letter,
+                } => {
+                    match dead_letter {
+                        Some(class) => *report.dead_lettered.entry(class).or_default() += 1,
+                        None => report.applied += 1,
+                    }
+                    rows.extend(more);
                 }
             }
         }
@@ -167,6 +137,62 @@ impl Step for AccountMerge {
 }
 
 impl AccountMerge {
+    /// Decides and applies one claimed merge request.
+    async fn apply_one(
+        &self,
+        conn: &mut PgConnection,
+        ctx: &StepContext,
+        message: &InputMessage,
+        request: &MergeRequest,
+        budget_left: bool,
+    ) -> Result<MergeOutcome, StoreError> {
+        let (old, new) = (request.old_user_id, request.new_user_id);
+        let mut ordered = [old, new];
+        ordered.sort();
+        let parties = merge_store::lock_parties(&mut *conn, &ordered).await?;
+        let find = |id: Uuid| parties.iter().find(|p| p.id == id);
+        let chain = match find(new) {
+            Some(p) if p.merged_into.is_some() => {
+                merge_store::merged_chain(&mut *conn, new).await?
+            }
+            _ => Vec::new(),
+        };
+        Ok(
+            match merge::decide(old, new, find(old), find(new), &chain, budget_left) {
+                MergeDecision::NotYet => MergeOutcome::NotYet,
+                MergeDecision::AlreadyDone => MergeOutcome::Done {
+                    rows: Vec::new(),
+                    dead_letter: None,
+                },
+                MergeDecision::Reject(rejection) => {
+                    let reason =
+                        format!("{}: merge of {old} into {new} refused", rejection.as_str());
+                    inbox::mark_dead_lettered(&mut *conn, &ctx.consumer_group, &request.event_id)
+                        .await?;
+                    MergeOutcome::Done {
+                        rows: vec![dead_letter(
+                            ctx,
+                            message,
+                            &request.event_id,
+                            rejection.as_str(),
+                            &reason,
+                        )],
+                        dead_letter: Some(rejection.as_str()),
+                    }
+                }
+                MergeDecision::Apply => {
+                    let merge_report =
+                        merge_store::transfer(&mut *conn, old, new, &PERMISSION_ORDER, &ROLE_ORDER)
+                            .await?;
+                    MergeOutcome::Done {
+                        rows: self.announce(conn, ctx, request, &merge_report).await?,
+                        dead_letter: None,
+                    }
+                }
+            },
+        )
+    }
+
     async fn announce(
         &self,
         conn: &mut PgConnection,
@@ -221,4 +247,85 @@ impl AccountMerge {
         ];
         Ok(events.iter().map(|e| result_message(ctx, e)).collect())
     }
+}
+
+/// Tries the oldest waiting merge of each key again (see [`AccountMerge`]), in one
+/// transaction, each in a savepoint of its own; returns how many left the waiting room.
+/// Replicas share the work: rows another replica holds are skipped.
+pub async fn retry_waiting(
+    pool: &sqlx::PgPool,
+    ctx: &StepContext,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    let step = AccountMerge;
+    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost).await?;
+    let due = merge_store::due_waits(&mut tx, &ctx.consumer_group, limit).await?;
+    let mut left = 0;
+    let mut rows = Vec::new();
+    for w in &due {
+        let message = InputMessage {
+            topic: w.topic.clone(),
+            partition: w.kafka_partition,
+            offset: w.kafka_offset,
+            key: w.message_key.clone(),
+            value: w.payload.clone(),
+            headers: crate::store::outbox::unpack_headers(&w.header_bytes).unwrap_or_default(),
+            timestamp: None,
+        };
+        // Decoded as when it arrived (its `time` passed the skew check then).
+        let request = match MergeRequest::decode(message.value.as_deref(), ctx.max_message_bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                rows.push(dead_letter(
+                    ctx,
+                    &message,
+                    &w.event_id,
+                    e.class.as_str(),
+                    &e.reason,
+                ));
+                inbox::mark_dead_lettered(&mut tx, &ctx.consumer_group, &w.event_id).await?;
+                merge_store::done_waiting(&mut tx, w.id).await?;
+                left += 1;
+                continue;
+            }
+        };
+        let waited = Utc::now() - w.first_seen_at;
+        let budget_left = waited.num_seconds() < ctx.merge.unknown_user_retry_secs as i64;
+        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+        match step
+            .apply_one(&mut savepoint, ctx, &message, &request, budget_left)
+            .await
+        {
+            Ok(MergeOutcome::NotYet) => {
+                savepoint.rollback().await?;
+                // Back off: 0.2 s, 0.4 s, … up to 5 s between attempts.
+                let delay = (200i64 << w.attempts.clamp(0, 5)).min(5_000);
+                merge_store::reschedule(&mut tx, w.id, delay).await?;
+            }
+            Ok(MergeOutcome::Done { rows: more, .. }) => {
+                savepoint.commit().await?;
+                rows.extend(more);
+                merge_store::done_waiting(&mut tx, w.id).await?;
+                left += 1;
+            }
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(e) => {
+                savepoint.rollback().await?;
+                tracing::warn!(event_id = %w.event_id, error = %e, "waiting merge refused by the database; dead-lettering it");
+                inbox::mark_dead_lettered(&mut tx, &ctx.consumer_group, &w.event_id).await?;
+                rows.push(dead_letter(
+                    ctx,
+                    &message,
+                    &w.event_id,
+                    crate::events::ErrorClass::Unprocessable.as_str(),
+                    &e.to_string(),
+                ));
+                merge_store::done_waiting(&mut tx, w.id).await?;
+                left += 1;
+            }
+        }
+    }
+    super::write_outbox(&mut tx, ctx, &rows).await?;
+    tx.commit().await?;
+    Ok(left)
 }

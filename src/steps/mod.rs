@@ -159,6 +159,8 @@ pub struct BatchReport {
     pub results: u64,
     /// The batch was re-run one message per savepoint.
     pub isolated: bool,
+    /// Merges that went to the waiting room (their users do not exist yet).
+    pub waiting: u64,
 }
 
 impl BatchReport {
@@ -172,6 +174,7 @@ impl BatchReport {
         self.duplicates += other.duplicates;
         self.results += other.results;
         self.isolated |= other.isolated;
+        self.waiting += other.waiting;
         for (class, n) in other.dead_lettered {
             *self.dead_lettered.entry(class).or_default() += n;
         }

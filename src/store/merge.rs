@@ -600,3 +600,128 @@ pub async fn record(
     .await
     .map(|_| ())
 }
+
+/// A merge waiting for its users (see the `merge_waits` table).
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    pub id: i64,
+    pub event_id: String,
+    pub message_key: Option<Vec<u8>>,
+    pub topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub payload: Option<Vec<u8>>,
+    pub header_bytes: Vec<u8>,
+    pub first_seen_at: chrono::DateTime<chrono::Utc>,
+    pub attempts: i32,
+}
+
+/// Whether a merge with this message key is waiting (a later one must wait behind it).
+pub async fn key_waiting(
+    conn: &mut PgConnection,
+    group: &str,
+    key: Option<&[u8]>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM merge_waits
+                          WHERE consumer_group = $1 AND message_key IS NOT DISTINCT FROM $2) AS "w!""#,
+        group,
+        key
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// Puts a merge in the waiting room (once per event id).
+#[allow(clippy::too_many_arguments)]
+pub async fn wait(
+    conn: &mut PgConnection,
+    group: &str,
+    event_id: &str,
+    key: Option<&[u8]>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    payload: Option<&[u8]>,
+    header_bytes: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"INSERT INTO merge_waits (consumer_group, event_id, message_key, topic, kafka_partition,
+                                    kafka_offset, payload, header_bytes, next_attempt_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + interval '200 milliseconds')
+           ON CONFLICT (consumer_group, event_id) DO NOTHING"#,
+        group,
+        event_id,
+        key,
+        topic,
+        partition,
+        offset,
+        payload,
+        header_bytes
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// The oldest waiting merge of each key whose next attempt is due, locked (other
+/// replicas skip them).
+pub async fn due_waits(
+    conn: &mut PgConnection,
+    group: &str,
+    limit: i64,
+) -> Result<Vec<Waiting>, sqlx::Error> {
+    sqlx::query_as!(
+        Waiting,
+        r#"SELECT w.id, w.event_id, w.message_key, w.topic, w.kafka_partition, w.kafka_offset,
+                  w.payload, w.header_bytes, w.first_seen_at, w.attempts
+           FROM merge_waits w
+           WHERE w.consumer_group = $1 AND w.next_attempt_at <= now()
+             AND NOT EXISTS (SELECT 1 FROM merge_waits e
+                             WHERE e.consumer_group = w.consumer_group
+                               AND e.message_key IS NOT DISTINCT FROM w.message_key
+                               AND e.id < w.id)
+           ORDER BY w.id
+           LIMIT $2
+           FOR UPDATE SKIP LOCKED"#,
+        group,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn reschedule(
+    conn: &mut PgConnection,
+    id: i64,
+    delay_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"UPDATE merge_waits SET attempts = attempts + 1,
+                  next_attempt_at = now() + make_interval(secs => $2::int8 / 1000.0)
+           WHERE id = $1"#,
+        id,
+        delay_ms
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+pub async fn done_waiting(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query!("DELETE FROM merge_waits WHERE id = $1", id)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// How many merges wait, and since when the oldest.
+pub async fn waiting_summary(
+    pool: &sqlx::PgPool,
+) -> Result<(i64, Option<chrono::DateTime<chrono::Utc>>), sqlx::Error> {
+    let r =
+        sqlx::query!(r#"SELECT count(*) AS "n!", min(first_seen_at) AS oldest FROM merge_waits"#)
+            .fetch_one(pool)
+            .await?;
+    Ok((r.n, r.oldest))
+}

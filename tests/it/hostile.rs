@@ -393,18 +393,28 @@ async fn a_message_whose_dead_letter_is_refused_ends_in_a_last_resort_letter() {
 /// A partition that keeps failing shows in /readyz and in the gauge, while the others go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_partition_shows_in_readyz_while_the_others_move() {
-    let mut h = Harness::with(|c| {
-        c.consumer.stalled_after_secs = 2;
-        c.merge.unknown_user_retry_secs = 3600;
-    })
-    .await;
+    let mut h = Harness::with(|c| c.consumer.stalled_after_secs = 2).await;
+    // Every claim of merge partition 2 fails with a serialization failure (retryable): the
+    // partition retries for ever, as it would behind a lock it can never get.
+    sqlx::raw_sql(
+        r#"CREATE FUNCTION stuck() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.kafka_partition = 2 AND NEW.topic LIKE 'auth.merge%' THEN
+               RAISE EXCEPTION 'stuck by the test' USING ERRCODE = '40001';
+             END IF;
+             RETURN NEW;
+           END $$;
+           CREATE TRIGGER stuck BEFORE INSERT ON inbox FOR EACH ROW EXECUTE FUNCTION stuck();"#,
+    )
+    .execute(&h.db.pool)
+    .await
+    .expect("trigger");
     h.start().await;
     let addr = h.worker().http_addr;
     wait_for("ready", || async {
         http_get(addr, "/readyz").await.0 == 200
     })
     .await;
-    // A merge of users nobody has seen waits (and retries) on merge partition 2.
     let merge = crate::merge::merge_event("stuck", uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     produce_to(
         &producer(&h.config.kafka.brokers),
@@ -534,5 +544,118 @@ async fn retention_deletes_every_expired_row_in_one_run() {
             && m.contains(r#"authsync_cleanup_deleted_total{table="inbox"} 25000"#)
     })
     .await;
+    h.stop().await;
+}
+
+async fn produce_merge(h: &Harness, key: &str, id: &str, old: uuid::Uuid, new: uuid::Uuid) {
+    produce_to(
+        &producer(&h.config.kafka.brokers),
+        &h.config.topics.merge,
+        key,
+        &crate::merge::merge_event(id, old, new),
+        Some(0),
+        &[],
+    )
+    .await;
+}
+
+async fn add_user(h: &Harness, id: uuid::Uuid) {
+    sqlx::query(
+        "INSERT INTO users (id, profile_event_at, last_login_at) VALUES ($1, now(), now())",
+    )
+    .bind(id)
+    .execute(&h.db.pool)
+    .await
+    .expect("user");
+}
+
+/// Was: a merge waiting for its users held every message behind it in its partition.
+/// Now it waits aside; a merge with another key goes on, one with the same key waits
+/// behind it, and both apply in order once the users exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_merge_holds_only_its_own_key() {
+    let mut h = Harness::with(|c| {
+        c.merge.unknown_user_retry_secs = 3600;
+        c.merge.wait_poll_ms = 100;
+    })
+    .await;
+    let [x, y, a, b, c, d] = [(); 6].map(|_| uuid::Uuid::new_v4());
+    for u in [a, b, c, d] {
+        add_user(&h, u).await;
+    }
+    h.start().await;
+    produce_merge(&h, "k1", "wait-x-y", x, y).await; // x and y do not exist yet
+    produce_merge(&h, "k1", "behind-a-b", a, b).await; // possible, but behind k1's head
+    produce_merge(&h, "k2", "other-c-d", c, d).await; // another key: goes at once
+    wait_for("the other key's merge applied", || async {
+        h.db.count("SELECT count(*) FROM merges").await == 1
+    })
+    .await;
+    assert_eq!(h.db.count("SELECT count(*) FROM merge_waits").await, 2);
+    assert_eq!(
+        h.db.count(&format!(
+            "SELECT count(*) FROM merges WHERE old_user_id = '{c}'"
+        ))
+        .await,
+        1
+    );
+    add_user(&h, x).await;
+    add_user(&h, y).await;
+    wait_for("both waiting merges applied", || async {
+        h.db.count("SELECT count(*) FROM merges").await == 3
+    })
+    .await;
+    let order: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT old_user_id FROM merges WHERE old_user_id = ANY($1) ORDER BY merged_at",
+    )
+    .bind(vec![x, a])
+    .fetch_all(&h.db.pool)
+    .await
+    .expect("order");
+    assert_eq!(order, vec![x, a], "per-key order kept");
+    assert_eq!(h.db.count("SELECT count(*) FROM merge_waits").await, 0);
+    h.stop().await;
+}
+
+/// The unknown-user budget counts from when authsync first saw the merge, not from its
+/// `time`: an old merge still gets its full wait, and is dead-lettered after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_waits_its_budget_from_first_sight_then_is_dead_lettered() {
+    let mut h = Harness::with(|c| {
+        c.merge.unknown_user_retry_secs = 2;
+        c.merge.wait_poll_ms = 100;
+    })
+    .await;
+    h.start().await;
+    let old_time = serde_json::to_vec(&json!({
+        "specversion": "1.0", "id": "old-merge", "source": "ops-console", "type": "auth.merge",
+        "time": "2020-01-01T00:00:00Z",
+        "data": {"newUserID": uuid::Uuid::new_v4(), "oldUserId": uuid::Uuid::new_v4(),
+                 "reason": "duplicate account", "requestedBy": "support@example.com"},
+    }))
+    .expect("json");
+    let sent = std::time::Instant::now();
+    produce_to(
+        &producer(&h.config.kafka.brokers),
+        &h.config.topics.merge,
+        "k",
+        &old_time,
+        Some(0),
+        &[],
+    )
+    .await;
+    let dlq = h.config.topics.dlq_for(&h.config.topics.merge);
+    let out = read_topics(&h.config.kafka.brokers, &[dlq], 1).await;
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2),
+        "waited its budget"
+    );
+    assert_eq!(out[0].header("authsync-error-class"), "unknown_user");
+    assert_eq!(h.db.count("SELECT count(*) FROM merge_waits").await, 0);
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM inbox WHERE outcome = 'dead_lettered'")
+            .await,
+        1
+    );
     h.stop().await;
 }

@@ -291,8 +291,8 @@ async fn merge_back_into_a_merged_user_is_a_cycle() {
     .await;
 }
 
-/// A merge naming a user that does not exist yet waits (retried with backoff) and is
-/// applied once the sign-up arrives.
+/// A merge naming a user that does not exist yet waits (in `merge_waits`, tried again with
+/// backoff) and is applied once the sign-up arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_waits_for_a_user_not_synced_yet() {
     let mut h = Harness::new().await;
@@ -303,9 +303,15 @@ async fn merge_waits_for_a_user_not_synced_yet() {
     produce_merge(&h, "early-into-late", old, late).await;
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(h.db.count("SELECT count(*) FROM merges").await, 0);
-    assert!(
-        h.worker().metrics.batch_retries.get() > 0,
-        "the merge is being retried"
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM merge_waits").await,
+        1,
+        "the merge waits aside"
+    );
+    assert_eq!(
+        h.worker().metrics.batch_retries.get(),
+        0,
+        "its partition does not retry"
     );
     sign_up(&h, "late").await;
     wait_for("merge applied", || async {
@@ -426,7 +432,7 @@ async fn merge_racing_logins_of_either_user() {
     }
     let (pool, mctx) = (db.pool.clone(), ctx.clone());
     let merge = tokio::spawn(async move {
-        let merge_step = AccountMerge::default();
+        let merge_step = AccountMerge;
         let batch = [input(
             "auth.merge.v1",
             0,
