@@ -606,6 +606,46 @@ pub async fn serve_http(
 mod tests {
     use super::*;
 
+    #[test]
+    fn one_stuck_partition_makes_the_process_unready_whatever_the_others_do() {
+        let metrics = Metrics::new();
+        let health = Health::with(3, Duration::from_secs(3600), Some(metrics.clone()));
+        health.consumer_running.store(true, Ordering::Relaxed);
+        assert_eq!(health.not_ready_reason(), None);
+        for _ in 0..3 {
+            health.failed("auth.login.v1", 4, "deadlock detected");
+        }
+        // Another partition's success does not hide it (it did, with one global counter).
+        health.holding("auth.login.v1", 1);
+        health.committed("auth.login.v1", 1);
+        let reason = health.not_ready_reason().expect("not ready");
+        assert!(
+            reason.contains("auth.login.v1[4]") && reason.contains("deadlock"),
+            "{reason}"
+        );
+        assert!(metrics
+            .render()
+            .contains(r#"authsync_partition_stalled{partition="4",topic="auth.login.v1"} 1"#));
+        health.committed("auth.login.v1", 4);
+        assert_eq!(health.not_ready_reason(), None);
+        // Holding messages without committing for too long is stalled too.
+        let slow = Health::with(100, Duration::ZERO, None);
+        slow.consumer_running.store(true, Ordering::Relaxed);
+        slow.holding("auth.merge.v1", 0);
+        assert!(slow
+            .not_ready_reason()
+            .is_some_and(|r| r.contains("auth.merge.v1[0]")));
+        slow.forget("auth.merge.v1", 0);
+        assert_eq!(slow.not_ready_reason(), None);
+        // A component that stopped is named.
+        slow.set_component(Component::Relay, true);
+        slow.set_component(Component::Relay, false);
+        assert_eq!(
+            slow.not_ready_reason().as_deref(),
+            Some("component stopped: relay")
+        );
+    }
+
     /// Every `authsync_*` series the shipped dashboard and alert rules query exists: a renamed
     /// metric would otherwise leave an empty panel or an alert that never fires.
     #[test]
@@ -622,6 +662,12 @@ mod tests {
             .observe(0.1);
         m.partitions_assigned.with_label_values(&["t"]).set(1);
         m.relay_published.with_label_values(&["t"]).inc();
+        m.partition_stalled.with_label_values(&["t", "0"]).set(0);
+        m.component_up.with_label_values(&["relay"]).set(1);
+        m.cleanup_deleted.with_label_values(&["inbox"]).inc();
+        m.retention_overdue_seconds
+            .with_label_values(&["inbox"])
+            .set(0);
         let exported = m.render();
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut checked = 0;

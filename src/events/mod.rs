@@ -9,6 +9,9 @@ pub mod merge;
 pub mod providers;
 pub mod results;
 
+#[cfg(test)]
+mod properties;
+
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
