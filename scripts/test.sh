@@ -39,8 +39,10 @@ fi
 
 # Compile queries against the committed .sqlx data, not whatever DATABASE_URL says.
 export SQLX_OFFLINE=true
+# `failpoints`: the crash-consistency test's deterministic crash points (compiled to nothing
+# without it; never in a release build).
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast "$@"
+  cargo nextest run --features failpoints --no-fail-fast "$@"
 else
-  cargo test -- "$@"
+  cargo test --features failpoints -- "$@"
 fi

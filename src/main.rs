@@ -135,6 +135,8 @@ enum OutboxCommand {
 
 fn main() -> ExitCode {
     app::limit_malloc_arenas();
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,

@@ -564,6 +564,7 @@ impl PartitionWorker {
         };
         self.health.committed(topic, self.key.1);
 
+        crate::failpoint!("consumer-after-commit");
         // The transaction committed: now, and only now, the offset may move.
         let Some(last) = batch.last() else {
             return;

@@ -482,6 +482,9 @@ impl Rounds {
                 return Err(e.into());
             }
         }
+        if !published.is_empty() {
+            crate::failpoint!("relay-after-ack");
+        }
         let deleted = if published.is_empty() {
             Ok(())
         } else {

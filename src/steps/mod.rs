@@ -419,6 +419,7 @@ pub async fn run_batch<S: Step>(
     let mut tx = crate::store::begin_step(pool, ctx.random_page_cost).await?;
     match step.apply(&mut tx, ctx, &items).await {
         Ok(report) => {
+            crate::failpoint!("step-before-commit");
             tx.commit().await?;
             return Ok(report);
         }

@@ -2,6 +2,7 @@
 //! broker in process; a real broker process for `real_broker` when one is configured).
 
 mod auth_sync;
+mod crash;
 mod dead_letters;
 mod helpers;
 mod hostile;
