@@ -67,6 +67,7 @@ pub struct Metrics {
     pub relay_parked: IntCounter,
     pub outbox_parked: IntGauge,
     pub relay_held_seconds: IntGauge,
+    pub relay_holder: IntGaugeVec,
     pub cleanup_deleted: IntCounterVec,
     pub retention_overdue_seconds: IntGaugeVec,
     pub inbox_rows: IntGauge,
@@ -221,6 +222,11 @@ impl Metrics {
             "relay_held_seconds",
             "How long the oldest committed result has been held back by an open transaction that can write the outbox",
         );
+        let relay_holder = gauge_vec(
+            "relay_holder_seconds",
+            "While results are held past relay.held_warn_secs: the holding backend (pid, application_name) and how long it has held them",
+            &["pid", "application"],
+        );
         let cleanup_deleted = counter_vec(
             "cleanup_deleted_total",
             "Rows the retention clean-up deleted",
@@ -288,6 +294,7 @@ impl Metrics {
             relay_parked,
             outbox_parked,
             relay_held_seconds,
+            relay_holder,
             cleanup_deleted,
             retention_overdue_seconds,
             inbox_rows,
@@ -347,6 +354,8 @@ impl Component {
 /// HTTP server report here; `/readyz` and `authsync_partition_stalled` read it.
 pub struct Health {
     pub consumer_running: AtomicBool,
+    /// The consumer's last metadata probe reached the brokers (see `consumer::run`).
+    pub broker_reachable: AtomicBool,
     pub shutting_down: AtomicBool,
     /// Consecutive failed attempts of any partition (kept for the summary line).
     pub failing_batches: AtomicU32,
@@ -362,6 +371,7 @@ impl Default for Health {
     fn default() -> Self {
         Self {
             consumer_running: AtomicBool::new(false),
+            broker_reachable: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
             failing_batches: AtomicU32::new(0),
             unready_after_failures: AtomicU32::new(5),
@@ -495,6 +505,9 @@ impl Health {
         }
         if !self.consumer_running.load(Ordering::Relaxed) {
             return Some("consumer not running".into());
+        }
+        if !self.broker_reachable.load(Ordering::Relaxed) {
+            return Some("Kafka brokers unreachable (metadata probe failed)".into());
         }
         if let Ok(map) = self.components.lock() {
             let mut down: Vec<&str> = map
@@ -664,6 +677,7 @@ mod tests {
         m.relay_published.with_label_values(&["t"]).inc();
         m.partition_stalled.with_label_values(&["t", "0"]).set(0);
         m.component_up.with_label_values(&["relay"]).set(1);
+        m.relay_holder.with_label_values(&["1", "psql"]).set(1);
         m.cleanup_deleted.with_label_values(&["inbox"]).inc();
         m.retention_overdue_seconds
             .with_label_values(&["inbox"])

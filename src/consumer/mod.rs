@@ -648,6 +648,10 @@ async fn close_within(consumer: Arc<PipelineConsumer>, deadline: tokio::time::In
     }
 }
 
+/// How often (and how long at most) the consumer asks the brokers for metadata to tell
+/// readiness whether they are reachable.
+const BROKER_PROBE_EVERY: Duration = Duration::from_secs(3);
+
 /// Consumes `handlers`' topics until `shutdown`, then drains and commits.
 pub async fn run(
     config: &Config,
@@ -691,11 +695,32 @@ pub async fn run(
     // below stops on an error while `shutdown` is still live.
     let stop = shutdown.child_token();
     let mut failed = None;
+    // Readiness shows a broker outage: an idle consumer would not notice one otherwise.
+    let mut probe = tokio::time::interval(BROKER_PROBE_EVERY);
+    let mut probing: Option<JoinHandle<bool>> = None;
     loop {
         // The shared queue carries rebalances and errors only; polling it serves them.
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            _ = probe.tick() => {
+                if let Some(done) = probing.take_if(|p| p.is_finished()) {
+                    let reachable = done.await.unwrap_or(false);
+                    if health.broker_reachable.swap(reachable, Ordering::Relaxed) != reachable {
+                        if reachable {
+                            tracing::info!("Kafka brokers reachable again");
+                        } else {
+                            tracing::warn!("Kafka brokers unreachable (metadata probe failed)");
+                        }
+                    }
+                }
+                if probing.is_none() {
+                    let c = consumer.clone();
+                    probing = Some(tokio::task::spawn_blocking(move || {
+                        c.client().fetch_metadata(None, BROKER_PROBE_EVERY).is_ok()
+                    }));
+                }
+            }
             event = assigned.recv() => match event {
                 Some(Assigned::Queue(key, queue)) => {
                     let Some(handler) = handlers.get(&key.0).cloned() else {
@@ -755,8 +780,10 @@ pub async fn run(
     for state in partitions.all() {
         state.abort.cancel();
     }
-    // Queues of partitions assigned after the loop stopped hold the consumer too.
+    // Queues of partitions assigned after the loop stopped hold the consumer too. (A probe
+    // still running holds it for at most its timeout; it is not waited for.)
     drop(assigned);
+    drop(probing);
     close_within(consumer, deadline).await;
     health.consumer_running.store(false, Ordering::Relaxed);
     tracing::info!("consumer stopped");

@@ -266,7 +266,18 @@ async fn check_hold(config: &Config, pool: &PgPool, metrics: &Metrics) {
         _ => 0,
     };
     metrics.relay_held_seconds.set(held);
+    metrics.relay_holder.reset();
     if held >= i64::try_from(config.relay.held_warn_secs).unwrap_or(i64::MAX) {
+        metrics
+            .relay_holder
+            .with_label_values(&[
+                &hold
+                    .pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                hold.application_name.as_deref().unwrap_or("?"),
+            ])
+            .set(held);
         tracing::warn!(
             held_rows = hold.rows,
             held_secs = held,

@@ -87,44 +87,31 @@ async fn kill_9_and_crash_points_lose_nothing_and_apply_nothing_twice() {
     let login_topic = format!("auth.login.{suffix}");
     let out_topic = format!("auth.user-events.{suffix}");
 
-    // Crash points, one per start of the first worker (each aborts once, partway in).
+    // Phase 1: two workers, logins arriving over ~40 s (100 every second), and kill -9 of
+    // whichever worker owns login partitions every 2.5 s.
+    // Phase 2 (with the `failpoints` feature): one worker at a time, started with one crash
+    // point, fed until it aborts there; then the next.
+    // Phase 3: two plain workers finish everything.
     let crash_points: Vec<&str> = if cfg!(feature = "failpoints") {
         vec![
-            "step-before-commit=8*off->1*return",
-            "consumer-after-commit=8*off->1*return",
-            "relay-after-ack=10*off->1*return",
+            "step-before-commit=5*off->1*return",
+            "consumer-after-commit=5*off->1*return",
+            "relay-after-ack=5*off->1*return",
         ]
     } else {
         Vec::new()
     };
-    let mut crash_points = crash_points.into_iter();
-    let mut a = spawn(
-        &brokers,
-        &db,
-        &suffix,
-        &group,
-        crash_points.next().unwrap_or(""),
-    );
-    let mut b = spawn(&brokers, &db, &suffix, &group, "");
-    wait_for("workers connected", || async {
-        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'authsync-worker:%'")
-            .await
-            > 0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    // Logins arrive over ~50 s (100 every second), so the kills land while they flow.
+    let phase1 = LOGINS - 300 * crash_points.len();
     let mut newest: HashMap<String, usize> = HashMap::new();
     for i in 0..LOGINS {
         newest.insert(format!("u{}", i % IDENTITIES), i);
     }
-    let feeder = {
+    let feed = |from: usize, to: usize| {
         let (brokers, login_topic, suffix) = (brokers.clone(), login_topic.clone(), suffix.clone());
         tokio::spawn(async move {
             let producer = producer(&brokers);
             let base = chrono::DateTime::parse_from_rfc3339("2026-06-01T00:00:00Z").expect("time");
-            for i in 0..LOGINS {
+            for i in from..to {
                 let subject = format!("u{}", i % IDENTITIES);
                 let time = (base + chrono::Duration::seconds(i as i64)).to_rfc3339();
                 let value = login(
@@ -148,51 +135,73 @@ async fn kill_9_and_crash_points_lose_nothing_and_apply_nothing_twice() {
         })
     };
 
-    // Kill -9 whichever worker owns login partitions, every few seconds, until all is in;
-    // between kills, a worker that hit its crash point is restarted with the next one.
+    let mut a = spawn(&brokers, &db, &suffix, &group, "");
+    let mut b = spawn(&brokers, &db, &suffix, &group, "");
+    wait_for("workers connected", || async {
+        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'authsync-worker:%'")
+            .await
+            > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let feeder = feed(0, phase1);
     let mut kills = 0;
-    let mut crashes = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    while !feeder.is_finished() || db.count("SELECT count(*) FROM inbox").await < LOGINS as i64 {
+    while !feeder.is_finished() || db.count("SELECT count(*) FROM inbox").await < phase1 as i64 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not all logins handled in time"
+            "phase 1 not handled in time"
         );
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        for w in [&mut a, &mut b] {
-            if let Ok(Some(_)) = w.child.try_wait() {
-                crashes += 1;
-                *w = spawn(
-                    &brokers,
-                    &db,
-                    &suffix,
-                    &group,
-                    crash_points.next().unwrap_or(""),
-                );
-            }
+        if kills >= 6 {
+            continue;
         }
-        if kills < 6 {
-            let owner = if login_partitions(&a, &login_topic).await > 0 {
-                Some(&mut a)
-            } else if login_partitions(&b, &login_topic).await > 0 {
-                Some(&mut b)
-            } else {
-                None
-            };
-            if let Some(w) = owner {
-                let _ = w.child.kill(); // SIGKILL
-                let _ = w.child.wait();
-                kills += 1;
-                *w = spawn(
-                    &brokers,
-                    &db,
-                    &suffix,
-                    &group,
-                    crash_points.next().unwrap_or(""),
-                );
-            }
+        let owner = if login_partitions(&a, &login_topic).await > 0 {
+            Some(&mut a)
+        } else if login_partitions(&b, &login_topic).await > 0 {
+            Some(&mut b)
+        } else {
+            None
+        };
+        if let Some(w) = owner {
+            let _ = w.child.kill(); // SIGKILL
+            let _ = w.child.wait();
+            kills += 1;
+            *w = spawn(&brokers, &db, &suffix, &group, "");
         }
     }
+
+    let mut crashes = 0;
+    let mut next = phase1;
+    drop(b);
+    for point in &crash_points {
+        drop(a);
+        a = spawn(&brokers, &db, &suffix, &group, point);
+        let feeder = feed(next, next + 300);
+        next += 300;
+        let until = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(Some(_)) = a.child.try_wait() {
+                crashes += 1;
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "crash point {point} never fired"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        feeder.await.expect("feeder");
+    }
+
+    drop(a);
+    let _a = spawn(&brokers, &db, &suffix, &group, "");
+    let _b = spawn(&brokers, &db, &suffix, &group, "");
+    wait_for("every login handled", || async {
+        db.count("SELECT count(*) FROM inbox").await == LOGINS as i64
+    })
+    .await;
     wait_for("outbox drained", || async {
         db.count("SELECT count(*) FROM outbox").await == 0
     })

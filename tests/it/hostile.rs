@@ -449,7 +449,7 @@ async fn a_stuck_partition_shows_in_readyz_while_the_others_move() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_transactions_of_this_database_hold_publishing() {
     use sqlx::Connection;
-    let mut h = Harness::new().await;
+    let mut h = Harness::with(|c| c.relay.held_warn_secs = 1).await;
     let other = TestDb::new().await;
     let mut foreign = sqlx::PgConnection::connect(&other.url)
         .await
@@ -485,13 +485,13 @@ async fn only_transactions_of_this_database_hold_publishing() {
         .await;
     h.wait_handled(6).await;
     let addr = h.worker().http_addr;
-    wait_for("the hold is reported", || async {
+    wait_for("the hold is reported, naming the holder", || async {
         let m = http_get(addr, "/metrics").await.1;
         m.lines().any(|l| {
             l.strip_prefix("authsync_relay_held_seconds ")
                 .and_then(|v| v.trim().parse::<i64>().ok())
                 .is_some_and(|v| v >= 1)
-        })
+        }) && m.contains("authsync_relay_holder_seconds{")
     })
     .await;
     assert!(h.db.count("SELECT count(*) FROM outbox").await > 0, "held");

@@ -4,6 +4,7 @@
 mod auth_sync;
 mod crash;
 mod dead_letters;
+mod faults;
 mod helpers;
 mod hostile;
 mod identity;

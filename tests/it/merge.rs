@@ -282,6 +282,12 @@ async fn merge_back_into_a_merged_user_is_a_cycle() {
             Box::pin(async move {
                 let (a, b) = (sign_up(h, "a").await, sign_up(h, "b").await);
                 produce_merge(h, "a-into-b", a, b).await;
+                // The first merge may wait for its sign-ups (in `merge_waits`, already in the
+                // inbox); the second has another key and would not wait behind it.
+                wait_for("a merged into b", || async {
+                    h.db.count("SELECT count(*) FROM merges").await == 1
+                })
+                .await;
                 (b, a)
             })
         },
