@@ -57,6 +57,32 @@ fn truncate_lists(value: &mut serde_json::Value, limit: usize) -> bool {
     }
 }
 
+/// Room a `user.merged` event needs beyond its `data` (the CloudEvent envelope, headers).
+const ENVELOPE_BYTES: usize = 4096;
+
+/// The `user.merged` data: the report with its lists cut to `list_limit`, and cut further
+/// (halving the limit) until the event fits in `max_bytes` — the producer's limit; the
+/// `merges` table keeps the full report either way.
+fn fit_report(
+    full: &serde_json::Value,
+    list_limit: usize,
+    max_bytes: usize,
+    finish: impl Fn(&mut serde_json::Value, bool),
+) -> serde_json::Value {
+    let budget = max_bytes.saturating_sub(ENVELOPE_BYTES);
+    let mut limit = list_limit;
+    loop {
+        let mut data = full.clone();
+        let truncated = truncate_lists(&mut data, limit);
+        finish(&mut data, truncated);
+        let size = serde_json::to_vec(&data).map_or(usize::MAX, |b| b.len());
+        if size <= budget || limit == 0 {
+            return data;
+        }
+        limit /= 2;
+    }
+}
+
 impl Step for AccountMerge {
     type Decoded = Result<MergeRequest, DecodeError>;
 
@@ -212,16 +238,21 @@ impl AccountMerge {
             &full,
         )
         .await?;
-        let mut data = full;
-        let truncated = truncate_lists(&mut data, ctx.merge.report_list_limit);
-        if let Some(obj) = data.as_object_mut() {
-            obj.insert("oldUserId".into(), old.to_string().into());
-            obj.insert("newUserID".into(), new.to_string().into());
-            obj.insert("reason".into(), request.reason.clone().into());
-            obj.insert("requestedBy".into(), request.requested_by.clone().into());
-            obj.insert("changed".into(), merge_report.total().into());
-            obj.insert("truncated".into(), truncated.into());
-        }
+        let data = fit_report(
+            &full,
+            ctx.merge.report_list_limit,
+            ctx.max_publish_bytes,
+            |data, truncated| {
+                if let Some(obj) = data.as_object_mut() {
+                    obj.insert("oldUserId".into(), old.to_string().into());
+                    obj.insert("newUserID".into(), new.to_string().into());
+                    obj.insert("reason".into(), request.reason.clone().into());
+                    obj.insert("requestedBy".into(), request.requested_by.clone().into());
+                    obj.insert("changed".into(), merge_report.total().into());
+                    obj.insert("truncated".into(), truncated.into());
+                }
+            },
+        );
         let time = request.occurred_at;
         let cause = request.event_id.as_str();
         let events = [
@@ -328,4 +359,36 @@ pub async fn retry_waiting(
     super::write_outbox(&mut tx, ctx, &rows).await?;
     tx.commit().await?;
     Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_merge_report_is_cut_until_the_event_fits_the_producer() {
+        let ids: Vec<String> = (0..20_000).map(|i| format!("{:036}", i)).collect();
+        let full = serde_json::json!({"assets": ids, "threads": ids, "nested": {"devices": ids}});
+        let data = fit_report(&full, 1000, 100_000, |d, truncated| {
+            d.as_object_mut()
+                .map(|o| o.insert("truncated".into(), truncated.into()));
+        });
+        let size = serde_json::to_vec(&data)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
+        assert!(size <= 100_000 - ENVELOPE_BYTES, "{size}");
+        assert_eq!(data["truncated"], serde_json::json!(true));
+        assert!(
+            !data["assets"].as_array().map(Vec::is_empty).unwrap_or(true),
+            "still shows some"
+        );
+        // A small report is left whole.
+        let small = serde_json::json!({"assets": ["a", "b"]});
+        let kept = fit_report(&small, 1000, 100_000, |d, t| {
+            d.as_object_mut()
+                .map(|o| o.insert("truncated".into(), t.into()));
+        });
+        assert_eq!(kept["assets"], serde_json::json!(["a", "b"]));
+        assert_eq!(kept["truncated"], serde_json::json!(false));
+    }
 }
