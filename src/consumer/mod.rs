@@ -542,8 +542,9 @@ impl PartitionWorker {
         Some(total)
     }
 
-    /// Applies a batch, retrying transient failures until it commits; then stores the
-    /// offset. Gives up only when the assignment's abort token fires (drain deadline).
+    /// Applies a batch (see [`Self::apply_contained`]: it always ends committed, every
+    /// message applied or dead-lettered); then stores the offset. Gives up only when the
+    /// assignment's abort token fires (drain deadline).
     async fn apply(&self, state: &PartitionState, batch: &[InputMessage]) {
         let started = Instant::now();
         let topic = self.key.0.as_str();
