@@ -1293,7 +1293,12 @@ impl Bench {
     /// run, at least two minutes: connection pools, statement caches and jemalloc's arenas
     /// fill up) and lag, backlog and inbox stay bounded (at most 30 s, 10 s and 120 s of
     /// input).
-    async fn soak(&self) -> anyhow::Result<bool> {
+    async fn soak(
+        &self,
+        mock: Option<
+            &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        >,
+    ) -> anyhow::Result<bool> {
         let (minutes, rate) = (self.args.minutes.max(3), self.args.rate.max(1));
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let db = Db::create(&self.args.database_url).await?;
@@ -1301,7 +1306,14 @@ impl Bench {
         config.relay.inbox_retention_hours = 0;
         config.relay.outbox_retention_hours = 0;
         config.relay.cleanup_interval_secs = 10;
-        self.create_topics(&config).await?;
+        match mock {
+            Some(cluster) => {
+                for topic in config.topics.all() {
+                    cluster.create_topic(&topic, self.args.partitions, 1)?;
+                }
+            }
+            None => self.create_topics(&config).await?,
+        }
         let mut child = self.spawn_worker(&config)?;
         let pid = child.id();
         self.worker_joined(&config).await?;
@@ -1429,8 +1441,18 @@ async fn main() -> anyhow::Result<()> {
         bail!("cannot build the authsync binary");
     }
     let mut broker = Broker(None);
+    // The soak runs against librdkafka's mock cluster hosted here unless --brokers is
+    // given: tansu's in-memory store slows down as it fills (its fetch lists every stored
+    // batch), and after ~6 minutes at 1,000/s its metadata requests took over 3 s.
+    let mut mock = None;
     let brokers = match &args.brokers {
         Some(b) => b.clone(),
+        None if args.scenario == "soak" => {
+            let cluster = rdkafka::mocking::MockCluster::new(1)?;
+            let servers = cluster.bootstrap_servers();
+            mock = Some(cluster);
+            servers
+        }
         None => {
             let port = free_port()?;
             let child = Command::new("tansu")
@@ -1480,7 +1502,7 @@ async fn main() -> anyhow::Result<()> {
         bench.latency(ev.unwrap_or(60_000)).await?;
     }
     if scenario == "soak" {
-        let passed = bench.soak().await?;
+        let passed = bench.soak(mock.as_ref()).await?;
         drop(broker);
         if !passed {
             bail!("soak failed (see the summary line)");
@@ -1488,5 +1510,6 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     drop(broker);
+    drop(mock);
     Ok(())
 }
