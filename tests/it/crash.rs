@@ -50,7 +50,7 @@ fn spawn(brokers: &str, db: &TestDb, suffix: &str, group: &str, failpoints: &str
         )
         .env("AUTHSYNC_TOPICS_PARTITIONS", "6")
         .env("AUTHSYNC_RELAY_POLL_INTERVAL_MS", "100")
-        .env("AUTHSYNC_CONSUMER_BATCH_SIZE", "50")
+        .env("AUTHSYNC_CONSUMER_BATCH_SIZE", "10")
         .env("AUTHSYNC_KAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("AUTHSYNC_LOG_LEVEL", "warn")
         .env("FAILPOINTS", failpoints)
@@ -94,9 +94,9 @@ async fn kill_9_and_crash_points_lose_nothing_and_apply_nothing_twice() {
     // Phase 3: two plain workers finish everything.
     let crash_points: Vec<&str> = if cfg!(feature = "failpoints") {
         vec![
-            "step-before-commit=5*off->1*return",
-            "consumer-after-commit=5*off->1*return",
-            "relay-after-ack=5*off->1*return",
+            "step-before-commit=2*off->1*return",
+            "consumer-after-commit=2*off->1*return",
+            "relay-after-ack=2*off->1*return",
         ]
     } else {
         Vec::new()
