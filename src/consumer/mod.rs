@@ -697,6 +697,12 @@ pub async fn run(
     let stop = shutdown.child_token();
     let mut failed = None;
     // Readiness shows a broker outage: an idle consumer would not notice one otherwise.
+    // The probe has a client of its own: metadata requests on the group consumer's client
+    // made it rejoin the group over and over (seen with the mock cluster: no assignment
+    // within 40 s).
+    let prober: Option<Arc<rdkafka::producer::BaseProducer>> =
+        client_config(&config.kafka).create().ok().map(Arc::new);
+    let probe_topic = topics.first().cloned().unwrap_or_default();
     let mut probe = tokio::time::interval(BROKER_PROBE_EVERY);
     let mut probing: Option<JoinHandle<bool>> = None;
     loop {
@@ -715,10 +721,10 @@ pub async fn run(
                         }
                     }
                 }
-                if probing.is_none() {
-                    let c = consumer.clone();
+                if let (None, Some(p)) = (&probing, &prober) {
+                    let (p, topic) = (p.clone(), probe_topic.clone());
                     probing = Some(tokio::task::spawn_blocking(move || {
-                        c.client().fetch_metadata(None, BROKER_PROBE_EVERY).is_ok()
+                        rdkafka::producer::Producer::client(p.as_ref()).fetch_metadata(Some(&topic), BROKER_PROBE_EVERY).is_ok()
                     }));
                 }
             }
@@ -782,7 +788,7 @@ pub async fn run(
         state.abort.cancel();
     }
     // Queues of partitions assigned after the loop stopped hold the consumer too. (A probe
-    // still running holds it for at most its timeout; it is not waited for.)
+    // still running ends within its timeout; it is not waited for.)
     drop(assigned);
     drop(probing);
     close_within(consumer, deadline).await;
