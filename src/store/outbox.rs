@@ -403,6 +403,9 @@ impl ReadCursor {
     }
 }
 
+/// The fence is computed once per read (`MATERIALIZED`): inlined, the function ran for
+/// every row scanned (~9 µs each) and the relay published 4x slower.
+///
 /// The oldest unpublished rows whose transactions, and every older transaction that could
 /// write the outbox, have finished, past `cursor`. Waiting for that fence (see the SQL
 /// function `authsync_outbox_fence`: transactions of other databases do not count) is what
@@ -416,7 +419,7 @@ pub async fn fetch_publishable(
     sqlx::query_as!(
         Pending,
         r#"
-        WITH snap AS (SELECT authsync_outbox_fence(pg_current_snapshot()) AS xmin)
+        WITH snap AS MATERIALIZED (SELECT authsync_outbox_fence(pg_current_snapshot()) AS xmin)
         SELECT o.id, o.topic, o.message_key AS key, o.payload, o.headers, o.header_bytes,
                o.created_at,
                snap.xmin AS "snapshot_xmin!"
@@ -450,7 +453,7 @@ pub async fn hold(pool: &PgPool) -> Result<Hold, sqlx::Error> {
     sqlx::query_as!(
         Hold,
         r#"
-        WITH fence AS (SELECT authsync_outbox_fence(pg_current_snapshot()) AS xid),
+        WITH fence AS MATERIALIZED (SELECT authsync_outbox_fence(pg_current_snapshot()) AS xid),
         held AS (SELECT count(*) AS n, min(o.created_at) AS oldest
                  FROM outbox o, fence WHERE o.txid >= fence.xid)
         SELECT held.n AS "rows!", held.oldest, a.pid AS "pid?", a.application_name AS "application_name?",
