@@ -504,16 +504,21 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn peak_rss(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` memory field (`VmHWM:`, `VmRSS:`) in bytes; 0 when unreadable.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
 }
 
 /// `a` with `b`'s fields added.
@@ -1274,15 +1279,7 @@ impl Bench {
 }
 
 fn current_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    status_bytes(pid, "VmRSS:")
 }
 
 impl Bench {
