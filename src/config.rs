@@ -69,6 +69,34 @@ pub struct IdentityConfig {
     pub attributes: String,
     /// Group → role rule sets, applied on every login in order.
     pub role_sets: Vec<RoleSetConfig>,
+    /// Per-connection trust and organization: which enterprise connections may link by
+    /// email, the kind of a connection the provider does not report (Keycloak brokers), and
+    /// the customer organization a connection's claims grant roles in.
+    pub connections: Vec<ConnectionConfig>,
+}
+
+/// One connection of one provider (`[[identity.connections]]`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// Provider name as in the events (case-insensitive).
+    pub provider: String,
+    /// The connection id the provider reports (Auth0 `con_…`, WorkOS `conn_…`, a Keycloak
+    /// broker alias, a Firebase `saml.…` provider id, a Cognito provider name).
+    pub connection: String,
+    /// `database`, `social`, `enterprise` or `passwordless`: overrides what the provider
+    /// reports (or fills it in where it reports nothing).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// May this connection's verified addresses link accounts? Default: yes for database,
+    /// social and passwordless connections, no for enterprise and unknown ones.
+    #[serde(default)]
+    pub link: Option<bool>,
+    /// The organization this (customer) connection belongs to: role rules matching its
+    /// claims grant inside it. Without it, a customer connection grants no roles unless its
+    /// rule set says `allow_global = true`.
+    #[serde(default)]
+    pub organization: Option<String>,
 }
 
 impl Default for IdentityConfig {
@@ -78,6 +106,7 @@ impl Default for IdentityConfig {
             untrusted_link_providers: Vec::new(),
             attributes: "merge".into(),
             role_sets: Vec::new(),
+            connections: Vec::new(),
         }
     }
 }
@@ -97,6 +126,15 @@ pub struct RoleSetConfig {
     /// owns the groups, so a login through another provider cannot revoke them.
     #[serde(default)]
     pub providers: Vec<String>,
+    /// Only logins through these connections (`provider:connection`) are matched (empty =
+    /// every connection).
+    #[serde(default)]
+    pub connections: Vec<String>,
+    /// Let claims from a customer (enterprise) connection grant the rules' own scopes,
+    /// global ones included. Default false: such claims grant only inside the
+    /// connection's configured organization.
+    #[serde(default)]
+    pub allow_global: bool,
     pub rules: Vec<RoleRuleConfig>,
 }
 

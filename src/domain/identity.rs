@@ -1,21 +1,26 @@
-//! Identity depth, pure: group → role mapping, attribute sync, custom UPNs, and whether a
-//! new identity may be linked to an existing user.
+//! Identity depth, pure: link trust per connection, whether a new identity may be linked
+//! to an existing user, group → role mapping with provenance, attribute sync, custom UPNs.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use regex::Regex;
 use uuid::Uuid;
 
 use super::ids;
 use crate::config::{ConfigError, IdentityConfig, RoleRuleConfig};
+use crate::events::login::{is_linkable_email, ConnectionKind};
 use crate::events::LoginEvent;
 
 /// A role grant: the role and its organization (`Uuid::nil()` = global).
 pub type Grant = (String, Uuid);
 
+/// A user's roles with who granted each: `role_set:<name>`, `merge:<id>`, or `None` (by
+/// hand, or before provenance was recorded).
+pub type Roles = BTreeMap<Grant, Option<String>>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
-    /// Grant at first login only.
+    /// Grant at the identity's first login only.
     Import,
     /// Grant and revoke on every login, so the set's roles match the IdP.
     Force,
@@ -63,38 +68,54 @@ struct RoleRule {
     scope: Scope,
 }
 
-impl RoleRule {
-    fn grant(&self, user_id: Uuid) -> Grant {
-        let org = match self.scope {
-            Scope::Global => Uuid::nil(),
-            Scope::Personal => ids::derived(user_id, "organization"),
-            Scope::Organization(id) => id,
-        };
-        (self.role.clone(), org)
-    }
-}
-
 #[derive(Clone, Debug)]
 struct RoleSet {
     mode: SyncMode,
+    /// `role_set:<name>`: the provenance of its grants.
+    granted_by: String,
     /// Empty: every provider.
     providers: HashSet<String>,
+    /// Empty: every connection. `(provider, connection id)`.
+    connections: HashSet<(String, String)>,
+    allow_global: bool,
     rules: Vec<RoleRule>,
 }
 
+/// The connection a login or an identity signs in through, as far as trust is concerned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionRef<'a> {
+    pub id: Option<&'a str>,
+    pub kind: Option<ConnectionKind>,
+}
+
+impl<'a> ConnectionRef<'a> {
+    pub fn of_event(event: &'a LoginEvent) -> Option<Self> {
+        event.connection.as_ref().map(|c| ConnectionRef {
+            id: c.connection_id.as_deref(),
+            kind: c.kind,
+        })
+    }
+
+    /// A stored identity's connection; `None` when it never reported one.
+    pub fn stored(id: Option<&'a str>, kind: Option<ConnectionKind>) -> Option<Self> {
+        (id.is_some() || kind.is_some()).then_some(ConnectionRef { id, kind })
+    }
+}
+
 /// The claims role rules look at, as they stand after the login was applied, and which of
-/// them the login itself asserted.
+/// them the identity has ever asserted (a `force` set revokes only on an asserted claim:
+/// "no groups given" is no evidence the groups were removed).
 #[derive(Clone, Copy, Debug)]
 pub struct Claims<'a> {
     pub provider: &'a str,
+    pub connection: Option<ConnectionRef<'a>>,
     pub groups: &'a [String],
     pub connection_groups: &'a [String],
     pub attributes: &'a BTreeMap<String, String>,
     pub asserted: Asserted,
 }
 
-/// Which claim sources the login carried. `force` revokes only on what the IdP asserted:
-/// a login that says nothing about groups is no evidence they were removed.
+/// Which claim sources are asserted.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Asserted {
     pub groups: bool,
@@ -103,14 +124,6 @@ pub struct Asserted {
 }
 
 impl Asserted {
-    pub fn of(event: &LoginEvent) -> Self {
-        Self {
-            groups: event.groups.is_some(),
-            connection_groups: event.connection.is_some(),
-            attributes: event.attributes.is_some(),
-        }
-    }
-
     fn covers(&self, claim: &ClaimSource) -> bool {
         match claim {
             ClaimSource::Groups => self.groups,
@@ -120,6 +133,14 @@ impl Asserted {
     }
 }
 
+/// `[[identity.connections]]`, compiled.
+#[derive(Clone, Debug, Default)]
+struct ConnectionPolicy {
+    kind: Option<ConnectionKind>,
+    link: Option<bool>,
+    organization: Option<Uuid>,
+}
+
 /// The compiled `[identity]` configuration.
 #[derive(Clone, Debug)]
 pub struct IdentityPolicy {
@@ -127,6 +148,7 @@ pub struct IdentityPolicy {
     untrusted_link_providers: HashSet<String>,
     pub attributes_authoritative: bool,
     role_sets: Vec<RoleSet>,
+    connections: HashMap<(String, String), ConnectionPolicy>,
 }
 
 impl Default for IdentityPolicy {
@@ -137,6 +159,7 @@ impl Default for IdentityPolicy {
             untrusted_link_providers: HashSet::new(),
             attributes_authoritative: false,
             role_sets: Vec::new(),
+            connections: HashMap::new(),
         }
     }
 }
@@ -195,6 +218,22 @@ fn compile_rule(rule: &RoleRuleConfig, name: &str) -> Result<RoleRule, ConfigErr
     })
 }
 
+fn provider_key(name: &str) -> String {
+    name.trim().to_ascii_lowercase()
+}
+
+fn parse_connection_key(value: &str, set: &str) -> Result<(String, String), ConfigError> {
+    match value.split_once(':') {
+        Some((p, c)) if !p.trim().is_empty() && !c.trim().is_empty() => {
+            Ok((provider_key(p), c.trim().to_string()))
+        }
+        _ => Err(ConfigError::InvalidRule {
+            rule: set.to_string(),
+            problem: format!("connection `{value}` must be `provider:connection`"),
+        }),
+    }
+}
+
 impl IdentityPolicy {
     /// Compiles and checks the configuration; an error names the offending rule.
     pub fn compile(config: &IdentityConfig) -> Result<Self, ConfigError> {
@@ -209,12 +248,20 @@ impl IdentityPolicy {
             }
         };
         let mut role_sets = Vec::with_capacity(config.role_sets.len());
+        let mut names = HashSet::new();
         for (set_index, set) in config.role_sets.iter().enumerate() {
             let set_name = if set.name.trim().is_empty() {
                 format!("#{}", set_index + 1)
             } else {
-                set.name.clone()
+                set.name.trim().to_string()
             };
+            // The name is the grants' provenance: two sets must not share it.
+            if !names.insert(set_name.clone()) {
+                return Err(ConfigError::InvalidRule {
+                    rule: set_name,
+                    problem: "two role sets have this name; names record who granted a role".into(),
+                });
+            }
             let mode = match set.mode.as_str() {
                 "import" => SyncMode::Import,
                 "force" => SyncMode::Force,
@@ -236,17 +283,67 @@ impl IdentityPolicy {
                 );
                 rules.push(compile_rule(rule, &name)?);
             }
+            let connections = set
+                .connections
+                .iter()
+                .map(|c| parse_connection_key(c, &set_name))
+                .collect::<Result<_, _>>()?;
             role_sets.push(RoleSet {
                 mode,
-                providers: set.providers.iter().cloned().collect(),
+                granted_by: format!("role_set:{set_name}"),
+                providers: set.providers.iter().map(|p| provider_key(p)).collect(),
+                connections,
+                allow_global: set.allow_global,
                 rules,
             });
         }
+        let mut connections = HashMap::new();
+        for c in &config.connections {
+            let name = format!("identity.connections {}:{}", c.provider, c.connection);
+            let key = (provider_key(&c.provider), c.connection.trim().to_string());
+            if key.0.is_empty() || key.1.is_empty() {
+                return Err(ConfigError::InvalidRule {
+                    rule: name,
+                    problem: "`provider` and `connection` must not be empty".into(),
+                });
+            }
+            let kind = match c.kind.as_deref() {
+                None => None,
+                Some(k) => Some(ConnectionKind::parse(k).ok_or_else(|| {
+                    ConfigError::InvalidRule {
+                        rule: name.clone(),
+                        problem: format!(
+                            "unknown kind `{k}` (expected database, social, enterprise or passwordless)"
+                        ),
+                    }
+                })?),
+            };
+            let organization = match c.organization.as_deref() {
+                None => None,
+                Some(id) => Some(Uuid::parse_str(id).map_err(|e| ConfigError::InvalidRule {
+                    rule: name.clone(),
+                    problem: format!("`organization` must be an organization id: {e}"),
+                })?),
+            };
+            connections.insert(
+                key,
+                ConnectionPolicy {
+                    kind,
+                    link: c.link,
+                    organization,
+                },
+            );
+        }
         Ok(Self {
             link_verified_email: config.link_verified_email,
-            untrusted_link_providers: config.untrusted_link_providers.iter().cloned().collect(),
+            untrusted_link_providers: config
+                .untrusted_link_providers
+                .iter()
+                .map(|p| provider_key(p))
+                .collect(),
             attributes_authoritative,
             role_sets,
+            connections,
         })
     }
 
@@ -254,19 +351,96 @@ impl IdentityPolicy {
         self.role_sets.iter().any(|s| !s.rules.is_empty())
     }
 
+    fn connection_policy(
+        &self,
+        provider: &str,
+        connection: Option<ConnectionRef<'_>>,
+    ) -> Option<&ConnectionPolicy> {
+        let id = connection?.id?;
+        self.connections
+            .get(&(provider.to_string(), id.to_string()))
+    }
+
+    /// The connection's kind: as configured, else as reported. `None` with a connection
+    /// present means unknown, which every decision treats as enterprise.
+    fn effective_kind(
+        &self,
+        provider: &str,
+        connection: Option<ConnectionRef<'_>>,
+    ) -> Option<ConnectionKind> {
+        self.connection_policy(provider, connection)
+            .and_then(|c| c.kind)
+            .or(connection.and_then(|c| c.kind))
+    }
+
+    /// Is this a customer's connection (its claims are the customer's IdP's word)?
+    pub fn is_customer_connection(
+        &self,
+        provider: &str,
+        connection: Option<ConnectionRef<'_>>,
+    ) -> bool {
+        connection.is_some()
+            && !matches!(
+                self.effective_kind(provider, connection),
+                Some(
+                    ConnectionKind::Database
+                        | ConnectionKind::Social
+                        | ConnectionKind::Passwordless
+                )
+            )
+    }
+
+    /// May an address this (provider, connection) asserts verified link accounts?
+    /// The provider's own sign-in (no connection), database, social and passwordless
+    /// connections: yes, unless the provider is listed untrusted. Enterprise and unknown
+    /// connections: only when `[[identity.connections]]` says `link = true`.
+    pub fn link_trust(
+        &self,
+        provider: &str,
+        connection: Option<ConnectionRef<'_>>,
+    ) -> Result<(), LinkSkip> {
+        if self.untrusted_link_providers.contains(provider) {
+            return Err(LinkSkip::ProviderNotTrusted);
+        }
+        if let Some(link) = self
+            .connection_policy(provider, connection)
+            .and_then(|c| c.link)
+        {
+            return if link {
+                Ok(())
+            } else {
+                Err(LinkSkip::ConnectionNotTrusted)
+            };
+        }
+        if self.is_customer_connection(provider, connection) {
+            Err(LinkSkip::ConnectionNotTrusted)
+        } else {
+            Ok(())
+        }
+    }
+
     /// The user's roles after a login: `current` with every set's grants added and, for
-    /// `force` sets, the roles the set can grant but whose rule no longer matches a claim the
-    /// login asserted removed. Roles no rule can grant (granted by hand or by a merge) are
-    /// never touched.
+    /// `force` sets, the roles *that set granted* whose rule no longer matches an asserted
+    /// claim removed. Roles granted by hand, by a merge or by another set are never touched.
+    /// `grants_allowed = false` (a stale event): revocations only.
     pub fn reconcile_roles(
         &self,
         user_id: Uuid,
-        current: &BTreeSet<Grant>,
+        current: &Roles,
         claims: Claims<'_>,
         first_login: bool,
-    ) -> BTreeSet<Grant> {
-        let mut revoke = BTreeSet::new();
-        let mut grant = BTreeSet::new();
+        grants_allowed: bool,
+    ) -> Roles {
+        let mut revoke: Vec<(Grant, &str)> = Vec::new();
+        let mut grant: Vec<(Grant, &str)> = Vec::new();
+        let customer = self.is_customer_connection(claims.provider, claims.connection);
+        let customer_org = self
+            .connection_policy(claims.provider, claims.connection)
+            .and_then(|c| c.organization);
+        let connection_key = claims
+            .connection
+            .and_then(|c| c.id)
+            .map(|id| (claims.provider.to_string(), id.to_string()));
         for set in &self.role_sets {
             if set.mode == SyncMode::Import && !first_login {
                 continue;
@@ -274,37 +448,62 @@ impl IdentityPolicy {
             if !set.providers.is_empty() && !set.providers.contains(claims.provider) {
                 continue;
             }
+            if !set.connections.is_empty()
+                && !connection_key
+                    .as_ref()
+                    .is_some_and(|k| set.connections.contains(k))
+            {
+                continue;
+            }
             for rule in &set.rules {
+                let org = match rule.scope {
+                    Scope::Global => Uuid::nil(),
+                    Scope::Personal => ids::derived(user_id, "organization"),
+                    Scope::Organization(id) => id,
+                };
+                // A customer's IdP speaks only for its own organization.
+                let org = if customer && !set.allow_global {
+                    match (rule.scope, customer_org) {
+                        (Scope::Organization(id), Some(c)) if id == c => id,
+                        (Scope::Global | Scope::Personal, Some(c)) => c,
+                        _ => continue,
+                    }
+                } else {
+                    org
+                };
+                let g = (rule.role.clone(), org);
                 let matched = match &rule.claim {
-                    ClaimSource::Groups => claims.groups.iter().any(|g| rule.matcher.matches(g)),
+                    ClaimSource::Groups => claims.groups.iter().any(|v| rule.matcher.matches(v)),
                     ClaimSource::ConnectionGroups => claims
                         .connection_groups
                         .iter()
-                        .any(|g| rule.matcher.matches(g)),
+                        .any(|v| rule.matcher.matches(v)),
                     ClaimSource::Attribute(key) => claims
                         .attributes
                         .get(key)
                         .is_some_and(|v| rule.matcher.matches(v)),
                 };
                 if matched {
-                    grant.insert(rule.grant(user_id));
+                    grant.push((g, &set.granted_by));
                 } else if set.mode == SyncMode::Force && claims.asserted.covers(&rule.claim) {
-                    revoke.insert(rule.grant(user_id));
+                    revoke.push((g, &set.granted_by));
                 }
             }
         }
-        // A grant by any rule beats a revocation by another.
-        let mut roles: BTreeSet<Grant> = current
-            .iter()
-            .filter(|g| !revoke.contains(*g) || grant.contains(*g))
-            .cloned()
-            .collect();
-        roles.extend(grant);
+        let granted: HashSet<&Grant> = grant.iter().map(|(g, _)| g).collect();
+        let mut roles = current.clone();
+        for (g, by) in &revoke {
+            // A grant by any rule beats a revocation by another; a set revokes only its own.
+            if !granted.contains(g) && roles.get(g).is_some_and(|p| p.as_deref() == Some(*by)) {
+                roles.remove(g);
+            }
+        }
+        if grants_allowed {
+            for (g, by) in grant {
+                roles.entry(g).or_insert_with(|| Some(by.to_string()));
+            }
+        }
         roles
-    }
-
-    pub fn provider_trusted_for_linking(&self, provider: &str) -> bool {
-        !self.untrusted_link_providers.contains(provider)
     }
 }
 
@@ -342,14 +541,17 @@ pub fn custom_upn(event: &LoginEvent) -> Option<(String, String)> {
     Some((key.clone(), value))
 }
 
-/// An existing user holding the login's email address.
+/// An identity that currently asserts a login's address, and its (active) user.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkCandidate {
+pub struct LinkTarget {
     pub user_id: Uuid,
-    /// The address is verified on the user's side.
+    pub provider: String,
+    pub connection_id: Option<String>,
+    pub connection_kind: Option<ConnectionKind>,
+    /// The identity says the address is verified.
     pub email_verified: bool,
-    /// The user already has an identity of the login's provider (another subject).
-    pub has_provider_identity: bool,
+    /// Providers of all the user's identities.
+    pub user_providers: Vec<String>,
 }
 
 /// Why an unknown identity was not linked to an existing user with its email.
@@ -359,10 +561,16 @@ pub enum LinkSkip {
     Disabled,
     /// The provider is in `identity.untrusted_link_providers`.
     ProviderNotTrusted,
+    /// The login came through an enterprise (or unknown) connection not allow-listed in
+    /// `[[identity.connections]]`: the customer's IdP, not the provider, vouches for it.
+    ConnectionNotTrusted,
     /// The login's email is not verified by its provider.
     EmailUnverified,
-    /// The only users with this address never verified it (a pre-registered account
-    /// must not capture a later verified login).
+    /// The address has a non-ASCII local part: no agreed case folding, so no link.
+    AddressNotLinkable,
+    /// No trusted identity currently asserts the address verified for the users that
+    /// hold it (a pre-registered or enterprise-asserted account must not capture a later
+    /// verified login).
     TargetEmailUnverified,
     /// More than one user has the verified address: no way to pick safely.
     MultipleCandidates,
@@ -375,7 +583,9 @@ impl LinkSkip {
         match self {
             LinkSkip::Disabled => "linking_disabled",
             LinkSkip::ProviderNotTrusted => "provider_not_trusted",
+            LinkSkip::ConnectionNotTrusted => "connection_not_trusted",
             LinkSkip::EmailUnverified => "email_unverified",
+            LinkSkip::AddressNotLinkable => "address_not_linkable",
             LinkSkip::TargetEmailUnverified => "target_email_unverified",
             LinkSkip::MultipleCandidates => "multiple_candidates",
             LinkSkip::ProviderAlreadyLinked => "provider_already_linked",
@@ -393,28 +603,51 @@ pub enum LinkDecision {
 }
 
 /// Decides whether the first login of an unknown identity joins an existing user.
-/// `candidates`: the active users holding the login's email (verified or not).
+/// `targets`: the identities of active users that currently assert the login's address
+/// (verified or not). A user is a link target only through an identity that is trusted
+/// for linking *and* asserts the address verified now.
 pub fn decide_link(
     policy: &IdentityPolicy,
     event: &LoginEvent,
-    candidates: &[LinkCandidate],
+    targets: &[LinkTarget],
 ) -> LinkDecision {
-    if event.email.is_none() || candidates.is_empty() {
+    let Some(email) = event.email.as_deref() else {
+        return LinkDecision::NoCandidate;
+    };
+    if targets.is_empty() {
         return LinkDecision::NoCandidate;
     }
     if !policy.link_verified_email {
         return LinkDecision::Skip(LinkSkip::Disabled);
     }
-    if !policy.provider_trusted_for_linking(&event.provider) {
-        return LinkDecision::Skip(LinkSkip::ProviderNotTrusted);
+    if let Err(skip) = policy.link_trust(&event.provider, ConnectionRef::of_event(event)) {
+        return LinkDecision::Skip(skip);
     }
     if event.email_verified != Some(true) {
         return LinkDecision::Skip(LinkSkip::EmailUnverified);
     }
-    let verified: Vec<&LinkCandidate> = candidates.iter().filter(|c| c.email_verified).collect();
-    match verified.as_slice() {
+    if !is_linkable_email(email) {
+        return LinkDecision::Skip(LinkSkip::AddressNotLinkable);
+    }
+    let mut users: Vec<&LinkTarget> = targets
+        .iter()
+        .filter(|t| {
+            t.email_verified
+                && policy
+                    .link_trust(
+                        &t.provider,
+                        ConnectionRef::stored(t.connection_id.as_deref(), t.connection_kind),
+                    )
+                    .is_ok()
+        })
+        .collect();
+    users.sort_by_key(|t| t.user_id);
+    users.dedup_by_key(|t| t.user_id);
+    match users.as_slice() {
         [] => LinkDecision::Skip(LinkSkip::TargetEmailUnverified),
-        [one] if one.has_provider_identity => LinkDecision::Skip(LinkSkip::ProviderAlreadyLinked),
+        [one] if one.user_providers.contains(&event.provider) => {
+            LinkDecision::Skip(LinkSkip::ProviderAlreadyLinked)
+        }
         [one] => LinkDecision::Link(one.user_id),
         _ => LinkDecision::Skip(LinkSkip::MultipleCandidates),
     }
@@ -423,7 +656,8 @@ pub fn decide_link(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RoleSetConfig;
+    use crate::config::{ConnectionConfig, RoleSetConfig};
+    use crate::events::login::Connection;
     use chrono::Utc;
 
     fn rule(claim: &str, kind: &str, value: &str, role: &str) -> RoleRuleConfig {
@@ -437,24 +671,33 @@ mod tests {
         }
     }
 
+    fn set(name: &str, mode: &str, rules: Vec<RoleRuleConfig>) -> RoleSetConfig {
+        RoleSetConfig {
+            name: name.into(),
+            mode: mode.into(),
+            providers: Vec::new(),
+            connections: Vec::new(),
+            allow_global: false,
+            rules,
+        }
+    }
+
     fn policy(sets: Vec<(&str, Vec<RoleRuleConfig>)>) -> IdentityPolicy {
         IdentityPolicy::compile(&IdentityConfig {
             role_sets: sets
                 .into_iter()
-                .map(|(mode, rules)| RoleSetConfig {
-                    name: mode.into(),
-                    mode: mode.into(),
-                    providers: Vec::new(),
-                    rules,
-                })
+                .map(|(mode, rules)| set(mode, mode, rules))
                 .collect(),
             ..IdentityConfig::default()
         })
         .unwrap()
     }
 
-    fn roles(names: &[&str]) -> BTreeSet<Grant> {
-        names.iter().map(|r| (r.to_string(), Uuid::nil())).collect()
+    fn roles(names: &[(&str, Option<&str>)]) -> Roles {
+        names
+            .iter()
+            .map(|(r, by)| ((r.to_string(), Uuid::nil()), by.map(str::to_string)))
+            .collect()
     }
 
     const ALL: Asserted = Asserted {
@@ -466,6 +709,7 @@ mod tests {
     fn claims<'a>(groups: &'a [String], attrs: &'a BTreeMap<String, String>) -> Claims<'a> {
         Claims {
             provider: "p",
+            connection: None,
             groups,
             connection_groups: &[],
             attributes: attrs,
@@ -474,7 +718,7 @@ mod tests {
     }
 
     #[test]
-    fn force_grants_and_revokes_only_its_own_roles() {
+    fn force_revokes_only_what_its_own_set_granted() {
         let p = policy(vec![(
             "force",
             vec![
@@ -485,43 +729,189 @@ mod tests {
         let attrs = BTreeMap::new();
         let user = Uuid::new_v4();
         let groups = vec!["eng-backend".to_string()];
+        let own = Some("role_set:force");
         let after = p.reconcile_roles(
             user,
-            &roles(&["admin", "hand-granted"]),
+            &roles(&[("admin", own), ("hand-granted", None)]),
             claims(&groups, &attrs),
             false,
+            true,
         );
-        assert_eq!(after, roles(&["engineer", "hand-granted"]));
-        // A login that asserts no groups revokes nothing.
+        assert_eq!(
+            after,
+            roles(&[("engineer", own), ("hand-granted", None)]),
+            "its own grant revoked, a hand grant kept"
+        );
+        // The same role granted by hand or by a merge is never revoked by the set.
+        for by in [None, Some("merge:x"), Some("role_set:other")] {
+            let kept = p.reconcile_roles(
+                user,
+                &roles(&[("admin", by)]),
+                claims(&groups, &attrs),
+                false,
+                true,
+            );
+            assert!(
+                kept.contains_key(&("admin".to_string(), Uuid::nil())),
+                "{by:?}"
+            );
+        }
+        // A login that never asserted groups revokes nothing.
         let silent = Claims {
             asserted: Asserted::default(),
             ..claims(&[], &attrs)
         };
         assert_eq!(
-            p.reconcile_roles(user, &roles(&["admin"]), silent, false),
-            roles(&["admin"])
+            p.reconcile_roles(user, &roles(&[("admin", own)]), silent, false, true),
+            roles(&[("admin", own)])
         );
     }
 
     #[test]
-    fn a_set_scoped_to_providers_ignores_other_providers() {
+    fn a_stale_event_revokes_but_never_grants() {
+        let p = policy(vec![(
+            "force",
+            vec![
+                rule("groups", "equals", "admins", "admin"),
+                rule("groups", "equals", "eng", "engineer"),
+            ],
+        )]);
+        let attrs = BTreeMap::new();
+        let own = Some("role_set:force");
+        let groups = vec!["eng".to_string()];
+        let after = p.reconcile_roles(
+            Uuid::new_v4(),
+            &roles(&[("admin", own)]),
+            claims(&groups, &attrs),
+            false,
+            false,
+        );
+        assert_eq!(after, Roles::new(), "admin revoked, engineer not granted");
+    }
+
+    #[test]
+    fn sets_scope_by_provider_case_insensitively_and_by_connection() {
         let mut config = IdentityConfig::default();
-        config.role_sets.push(RoleSetConfig {
-            name: "okta".into(),
-            mode: "force".into(),
-            providers: vec!["okta".into()],
-            rules: vec![rule("groups", "equals", "admins", "admin")],
-        });
+        let mut okta = set(
+            "okta",
+            "force",
+            vec![rule("groups", "equals", "admins", "admin")],
+        );
+        okta.providers = vec!["Okta".into()];
+        let mut conn = set(
+            "corp",
+            "additive",
+            vec![rule("groups", "equals", "staff", "staff")],
+        );
+        conn.connections = vec!["auth0:con_corp".into()];
+        conn.allow_global = true;
+        config.role_sets = vec![okta, conn];
         let p = IdentityPolicy::compile(&config).unwrap();
         let attrs = BTreeMap::new();
         let user = Uuid::new_v4();
+        let own = Some("role_set:okta");
         let other = Claims {
             provider: "github",
             ..claims(&[], &attrs)
         };
         assert_eq!(
-            p.reconcile_roles(user, &roles(&["admin"]), other, false),
-            roles(&["admin"])
+            p.reconcile_roles(user, &roles(&[("admin", own)]), other, false, true),
+            roles(&[("admin", own)]),
+            "another provider's login does not touch the okta set"
+        );
+        let okta_login = Claims {
+            provider: "okta",
+            ..claims(&[], &attrs)
+        };
+        assert_eq!(
+            p.reconcile_roles(user, &roles(&[("admin", own)]), okta_login, false, true),
+            Roles::new()
+        );
+        let staff = vec!["staff".to_string()];
+        let elsewhere = Claims {
+            provider: "auth0",
+            connection: Some(ConnectionRef {
+                id: Some("con_other"),
+                kind: Some(ConnectionKind::Enterprise),
+            }),
+            ..claims(&staff, &attrs)
+        };
+        assert!(p
+            .reconcile_roles(user, &Roles::new(), elsewhere, false, true)
+            .is_empty());
+        let through = Claims {
+            connection: Some(ConnectionRef {
+                id: Some("con_corp"),
+                kind: Some(ConnectionKind::Enterprise),
+            }),
+            ..elsewhere
+        };
+        assert_eq!(
+            p.reconcile_roles(user, &Roles::new(), through, false, true),
+            roles(&[("staff", Some("role_set:corp"))])
+        );
+    }
+
+    #[test]
+    fn a_customer_connection_grants_only_inside_its_organization() {
+        let org = Uuid::new_v4();
+        let config = IdentityConfig {
+            role_sets: vec![set(
+                "idp",
+                "force",
+                vec![rule("connection.groups", "equals", "Admins", "admin")],
+            )],
+            connections: vec![ConnectionConfig {
+                provider: "auth0".into(),
+                connection: "con_acme".into(),
+                organization: Some(org.to_string()),
+                ..ConnectionConfig::default()
+            }],
+            ..IdentityConfig::default()
+        };
+        let p = IdentityPolicy::compile(&config).unwrap();
+        let attrs = BTreeMap::new();
+        let admins = vec!["Admins".to_string()];
+        let user = Uuid::new_v4();
+        let through = |id: &'static str| Claims {
+            provider: "auth0",
+            connection: Some(ConnectionRef {
+                id: Some(id),
+                kind: Some(ConnectionKind::Enterprise),
+            }),
+            groups: &[],
+            connection_groups: &admins,
+            attributes: &attrs,
+            asserted: ALL,
+        };
+        let acme = p.reconcile_roles(user, &Roles::new(), through("con_acme"), false, true);
+        let expected: Roles =
+            [(("admin".to_string(), org), Some("role_set:idp".to_string()))].into();
+        assert_eq!(
+            acme, expected,
+            "scoped to the connection's organization, never global"
+        );
+        assert!(
+            p.reconcile_roles(user, &Roles::new(), through("con_unknown"), false, true)
+                .is_empty(),
+            "a connection with no organization grants nothing"
+        );
+        // The operator's own (database) login with the same group is not a customer's claim.
+        let own = Claims {
+            connection: Some(ConnectionRef {
+                id: Some("con_db"),
+                kind: Some(ConnectionKind::Database),
+            }),
+            ..through("con_db")
+        };
+        let global: Roles = [(
+            ("admin".to_string(), Uuid::nil()),
+            Some("role_set:idp".to_string()),
+        )]
+        .into();
+        assert_eq!(
+            p.reconcile_roles(user, &Roles::new(), own, false, true),
+            global
         );
     }
 
@@ -538,37 +928,35 @@ mod tests {
         let groups = vec!["staff".to_string()];
         let mut attrs = BTreeMap::new();
         attrs.insert("dept".to_string(), "sales".to_string());
-        let first = p.reconcile_roles(user, &BTreeSet::new(), claims(&groups, &attrs), true);
-        assert_eq!(first, roles(&["crm", "staff"]));
-        let later = p.reconcile_roles(user, &BTreeSet::new(), claims(&groups, &attrs), false);
-        assert_eq!(later, roles(&["crm"]));
+        let first = p.reconcile_roles(user, &Roles::new(), claims(&groups, &attrs), true, true);
+        assert_eq!(
+            first,
+            roles(&[
+                ("crm", Some("role_set:additive")),
+                ("staff", Some("role_set:import"))
+            ])
+        );
+        let later = p.reconcile_roles(user, &Roles::new(), claims(&groups, &attrs), false, true);
+        assert_eq!(later, roles(&[("crm", Some("role_set:additive"))]));
         attrs.insert("dept".to_string(), "salesforce".to_string());
-        let kept = p.reconcile_roles(user, &first, claims(&[], &attrs), false);
+        let kept = p.reconcile_roles(user, &first, claims(&[], &attrs), false, true);
         assert_eq!(kept, first, "additive and import never revoke");
     }
 
     #[test]
     fn personal_scope_is_the_users_own_organization() {
-        let mut r = rule("connection.groups", "equals", "g", "owner");
+        let mut r = rule("groups", "equals", "g", "owner");
         r.organization = Some("personal".into());
         let p = policy(vec![("additive", vec![r])]);
         let user = Uuid::new_v4();
         let attrs = BTreeMap::new();
-        let cg = vec!["g".to_string()];
-        let after = p.reconcile_roles(
-            user,
-            &BTreeSet::new(),
-            Claims {
-                provider: "p",
-                groups: &[],
-                connection_groups: &cg,
-                attributes: &attrs,
-                asserted: ALL,
-            },
-            false,
-        );
-        let expected: BTreeSet<Grant> =
-            [("owner".to_string(), ids::derived(user, "organization"))].into();
+        let g = vec!["g".to_string()];
+        let after = p.reconcile_roles(user, &Roles::new(), claims(&g, &attrs), false, true);
+        let expected: Roles = [(
+            ("owner".to_string(), ids::derived(user, "organization")),
+            Some("role_set:additive".to_string()),
+        )]
+        .into();
         assert_eq!(after, expected);
     }
 
@@ -582,25 +970,36 @@ mod tests {
             .unwrap_err()
             .to_string()
         };
-        let set = |mode: &str, rules| RoleSetConfig {
-            name: "idp".into(),
-            mode: mode.into(),
-            providers: Vec::new(),
-            rules,
-        };
-        let e = bad(vec![set("force", vec![rule("groups", "regex", "(", "r")])]);
+        let e = bad(vec![set(
+            "idp",
+            "force",
+            vec![rule("groups", "regex", "(", "r")],
+        )]);
         assert!(e.contains("idp/#1") && e.contains("bad regex"), "{e}");
-        let e = bad(vec![set("sometimes", vec![])]);
+        let e = bad(vec![set("idp", "sometimes", vec![])]);
         assert!(e.contains("idp") && e.contains("unknown mode"), "{e}");
         let mut named = rule("roles", "equals", "x", "r");
         named.name = Some("admins".into());
-        let e = bad(vec![set("force", vec![named])]);
+        let e = bad(vec![set("idp", "force", vec![named])]);
         assert!(
             e.contains("idp/admins") && e.contains("unknown claim"),
             "{e}"
         );
-        let e = bad(vec![set("force", vec![rule("groups", "like", "x", "r")])]);
+        let e = bad(vec![set(
+            "idp",
+            "force",
+            vec![rule("groups", "like", "x", "r")],
+        )]);
         assert!(e.contains("unknown match"), "{e}");
+        let e = bad(vec![
+            set("idp", "force", vec![]),
+            set("idp", "additive", vec![]),
+        ]);
+        assert!(e.contains("two role sets"), "{e}");
+        let mut scoped = set("idp", "force", vec![]);
+        scoped.connections = vec!["no-colon".into()];
+        let e = bad(vec![scoped]);
+        assert!(e.contains("provider:connection"), "{e}");
     }
 
     #[test]
@@ -633,65 +1032,70 @@ mod tests {
         e
     }
 
-    fn candidate(verified: bool, has_provider: bool) -> LinkCandidate {
-        LinkCandidate {
+    fn target(verified: bool, provider: &str) -> LinkTarget {
+        LinkTarget {
             user_id: Uuid::new_v4(),
+            provider: provider.into(),
+            connection_id: None,
+            connection_kind: None,
             email_verified: verified,
-            has_provider_identity: has_provider,
+            user_providers: vec![provider.into()],
+        }
+    }
+
+    fn skip(p: &IdentityPolicy, ev: &LoginEvent, ts: &[LinkTarget]) -> LinkSkip {
+        match decide_link(p, ev, ts) {
+            LinkDecision::Skip(s) => s,
+            other => panic!("expected a skip, got {other:?}"),
         }
     }
 
     #[test]
-    fn links_only_one_verified_candidate_on_a_verified_email() {
+    fn links_only_one_trusted_verified_target_on_a_verified_email() {
         let p = IdentityPolicy::default();
         let ev = login(Some("a@x.io"), Some(true), "google");
-        let c = candidate(true, false);
+        let t = target(true, "github");
         assert_eq!(
-            decide_link(&p, &ev, std::slice::from_ref(&c)),
-            LinkDecision::Link(c.user_id)
+            decide_link(&p, &ev, std::slice::from_ref(&t)),
+            LinkDecision::Link(t.user_id)
         );
         assert_eq!(decide_link(&p, &ev, &[]), LinkDecision::NoCandidate);
-        let skip = |ev: &LoginEvent, cs: &[LinkCandidate], p: &IdentityPolicy| match decide_link(
-            p, ev, cs,
-        ) {
-            LinkDecision::Skip(s) => s,
-            other => panic!("expected a skip, got {other:?}"),
-        };
+        for unverified in [Some(false), None] {
+            assert_eq!(
+                skip(
+                    &p,
+                    &login(Some("a@x.io"), unverified, "google"),
+                    std::slice::from_ref(&t)
+                ),
+                LinkSkip::EmailUnverified
+            );
+        }
         assert_eq!(
-            skip(
-                &login(Some("a@x.io"), Some(false), "google"),
-                std::slice::from_ref(&c),
-                &p
-            ),
-            LinkSkip::EmailUnverified
-        );
-        assert_eq!(
-            skip(
-                &login(Some("a@x.io"), None, "google"),
-                std::slice::from_ref(&c),
-                &p
-            ),
-            LinkSkip::EmailUnverified
-        );
-        assert_eq!(
-            skip(&ev, &[candidate(false, false)], &p),
+            skip(&p, &ev, &[target(false, "github")]),
             LinkSkip::TargetEmailUnverified
         );
         assert_eq!(
-            skip(&ev, &[c.clone(), candidate(true, false)], &p),
+            skip(&p, &ev, &[t.clone(), target(true, "apple")]),
             LinkSkip::MultipleCandidates
         );
+        // Two identities of one user asserting the address are one candidate.
+        let mut same_user = target(true, "apple");
+        same_user.user_id = t.user_id;
         assert_eq!(
-            skip(&ev, &[candidate(true, true)], &p),
+            decide_link(&p, &ev, &[t.clone(), same_user]),
+            LinkDecision::Link(t.user_id)
+        );
+        assert_eq!(
+            skip(&p, &ev, &[target(true, "google")]),
             LinkSkip::ProviderAlreadyLinked
         );
         let untrusted = IdentityPolicy::compile(&IdentityConfig {
-            untrusted_link_providers: vec!["google".into()],
+            untrusted_link_providers: vec!["Google".into()],
             ..IdentityConfig::default()
         })
         .unwrap();
         assert_eq!(
-            skip(&ev, std::slice::from_ref(&c), &untrusted),
+            skip(&untrusted, &ev, std::slice::from_ref(&t)),
             LinkSkip::ProviderNotTrusted
         );
         let off = IdentityPolicy::compile(&IdentityConfig {
@@ -699,7 +1103,92 @@ mod tests {
             ..IdentityConfig::default()
         })
         .unwrap();
-        assert_eq!(skip(&ev, &[c], &off), LinkSkip::Disabled);
+        assert_eq!(skip(&off, &ev, &[t]), LinkSkip::Disabled);
+    }
+
+    fn through(ev: &mut LoginEvent, id: &str, kind: Option<ConnectionKind>) {
+        ev.connection = Some(Connection {
+            connection_id: Some(id.into()),
+            kind,
+            groups: None,
+        });
+    }
+
+    #[test]
+    fn an_enterprise_connection_never_links_unless_allow_listed() {
+        let victim = target(true, "google");
+        for kind in [Some(ConnectionKind::Enterprise), None] {
+            let mut attacker = login(Some("victim@gmail.com"), Some(true), "auth0");
+            through(&mut attacker, "con_adfs", kind);
+            assert_eq!(
+                skip(
+                    &IdentityPolicy::default(),
+                    &attacker,
+                    std::slice::from_ref(&victim)
+                ),
+                LinkSkip::ConnectionNotTrusted,
+                "{kind:?}"
+            );
+        }
+        let mut social = login(Some("victim@gmail.com"), Some(true), "auth0");
+        through(&mut social, "con_google", Some(ConnectionKind::Social));
+        assert_eq!(
+            decide_link(
+                &IdentityPolicy::default(),
+                &social,
+                std::slice::from_ref(&victim)
+            ),
+            LinkDecision::Link(victim.user_id)
+        );
+        // Allow-listed by the operator: it may link.
+        let listed = IdentityPolicy::compile(&IdentityConfig {
+            connections: vec![ConnectionConfig {
+                provider: "auth0".into(),
+                connection: "con_adfs".into(),
+                link: Some(true),
+                ..ConnectionConfig::default()
+            }],
+            ..IdentityConfig::default()
+        })
+        .unwrap();
+        let mut corp = login(Some("victim@gmail.com"), Some(true), "auth0");
+        through(&mut corp, "con_adfs", Some(ConnectionKind::Enterprise));
+        assert_eq!(
+            decide_link(&listed, &corp, std::slice::from_ref(&victim)),
+            LinkDecision::Link(victim.user_id)
+        );
+    }
+
+    #[test]
+    fn a_target_counts_only_through_a_trusted_identity() {
+        // The only holder signed up through an enterprise connection: not a link target.
+        let mut enterprise = target(true, "auth0");
+        enterprise.connection_id = Some("con_saml".into());
+        enterprise.connection_kind = Some(ConnectionKind::Enterprise);
+        let ev = login(Some("a@x.io"), Some(true), "google");
+        let p = IdentityPolicy::default();
+        assert_eq!(
+            skip(&p, &ev, std::slice::from_ref(&enterprise)),
+            LinkSkip::TargetEmailUnverified
+        );
+        let untrusted = IdentityPolicy::compile(&IdentityConfig {
+            untrusted_link_providers: vec!["github".into()],
+            ..IdentityConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            skip(&untrusted, &ev, &[target(true, "github")]),
+            LinkSkip::TargetEmailUnverified
+        );
+    }
+
+    #[test]
+    fn a_non_ascii_local_part_never_links() {
+        let ev = login(Some("\u{212a}im@example.com"), Some(true), "google");
+        assert_eq!(
+            skip(&IdentityPolicy::default(), &ev, &[target(true, "github")]),
+            LinkSkip::AddressNotLinkable
+        );
     }
 
     #[test]

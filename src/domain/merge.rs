@@ -17,6 +17,8 @@ pub enum MergeRejection {
     UnknownUser,
     AlreadyMergedElsewhere,
     Cycle,
+    /// The survivor is not active (deactivated): nothing may be merged into it.
+    TargetNotActive,
 }
 
 impl MergeRejection {
@@ -26,6 +28,7 @@ impl MergeRejection {
             MergeRejection::UnknownUser => "unknown_user",
             MergeRejection::AlreadyMergedElsewhere => "already_merged_elsewhere",
             MergeRejection::Cycle => "cycle",
+            MergeRejection::TargetNotActive => "target_not_active",
         }
     }
 }
@@ -70,6 +73,9 @@ pub fn decide(
         // The target itself was merged away: into the old user (a cycle) or elsewhere
         // (merging into a user that no longer exists would strand the data).
         return MergeDecision::Reject(MergeRejection::Cycle);
+    }
+    if new.lifecycle_state != "active" {
+        return MergeDecision::Reject(MergeRejection::TargetNotActive);
     }
     MergeDecision::Apply
 }

@@ -1,8 +1,11 @@
 //! Pure decisions: no I/O here. The store loads state, the domain decides, the store writes.
 
+pub mod auth_sync;
 pub mod identity;
 pub mod ids;
 pub mod merge;
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -23,6 +26,11 @@ pub struct UserRecord {
     pub family_name: Option<String>,
     pub locale: Option<String>,
     pub workflow_variants: Vec<String>,
+    /// The identity (provider, subject) that owns the primary address: only its logins
+    /// change it. `None`: not known yet (the next identity asserting an address takes it).
+    pub email_owner: Option<(String, String)>,
+    /// Per profile field, the time of the newest event that set it.
+    pub clocks: Clocks,
     pub lifecycle_state: String,
     pub version: i64,
     pub profile_event_at: DateTime<Utc>,
@@ -30,6 +38,55 @@ pub struct UserRecord {
     pub login_count: i64,
     pub created_at: DateTime<Utc>,
     pub modified_at: DateTime<Utc>,
+}
+
+/// Per field, the time of the newest applied event that carried it. Key `*` is the legacy
+/// single profile clock of rows written before per-field clocks: it stands in for every
+/// field without a clock of its own.
+pub type Clocks = BTreeMap<String, DateTime<Utc>>;
+
+const LEGACY_CLOCK: &str = "*";
+
+/// May an event at `at` set `field`? Not when a newer event already set it.
+pub fn is_fresh(clocks: &Clocks, field: &str, at: DateTime<Utc>) -> bool {
+    clocks
+        .get(field)
+        .or_else(|| clocks.get(LEGACY_CLOCK))
+        .is_none_or(|t| at >= *t)
+}
+
+/// Records that an event at `at` set `field`.
+pub fn advance(clocks: &mut Clocks, field: &str, at: DateTime<Utc>) {
+    let clock = clocks.entry(field.to_string()).or_insert(at);
+    if at > *clock {
+        *clock = at;
+    }
+}
+
+/// Sets a field from an event that carries it, if no newer event set it: `Some(changed)`
+/// when applied, `None` when stale (or not carried: `Some(false)`).
+fn set_field<T: PartialEq + Clone>(
+    stored: &mut T,
+    incoming: Option<&T>,
+    clocks: &mut Clocks,
+    field: &str,
+    at: DateTime<Utc>,
+    stale: &mut bool,
+) -> bool {
+    let Some(value) = incoming else {
+        return false;
+    };
+    if !is_fresh(clocks, field, at) {
+        *stale = true;
+        return false;
+    }
+    advance(clocks, field, at);
+    if value != stored {
+        *stored = value.clone();
+        true
+    } else {
+        false
+    }
 }
 
 /// Why the client must refresh its token: something that ends up in a token changed.
@@ -61,7 +118,7 @@ impl RefreshReason {
 /// What one login did to a known user.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoginOutcome {
-    /// The event is older than the newest applied profile: only login bookkeeping changed.
+    /// A field the event carries was already set by a newer event (that field was kept).
     pub stale: bool,
     /// Any stored profile field (or the identity's groups) changed; the version was bumped.
     pub changed: bool,
@@ -81,87 +138,107 @@ impl LoginOutcome {
     }
 }
 
-fn set_if_changed<T: PartialEq + Clone>(stored: &mut T, incoming: Option<&T>) -> bool {
-    match incoming {
-        Some(v) if v != stored => {
-            *stored = v.clone();
-            true
-        }
-        _ => false,
-    }
-}
-
-fn set_opt_if_changed(stored: &mut Option<String>, incoming: &Option<String>) -> bool {
-    match incoming {
-        Some(v) if stored.as_deref() != Some(v.as_str()) => {
-            *stored = Some(v.clone());
-            true
-        }
-        _ => false,
-    }
-}
-
-/// Applies a login to a known user and its identity's groups, in place.
+/// Applies a login to a known user's profile, in place.
 ///
-/// Rules: an event older than the last applied profile never overwrites it (only the
-/// login bookkeeping moves); fields the event does not carry keep their stored value;
-/// the version is bumped once per event that changed anything; changes that end up in a
-/// token (email, its verification, groups) require a token refresh.
+/// Rules: each field has its own clock, so an event sets only the fields it carries and
+/// only where no newer event set them (a `session.created` that carries no profile never
+/// makes a later-arriving `user.created` stale); fields the event does not carry keep their
+/// value; the primary address changes only by the identity that owns it, and a verified
+/// flag counts only together with its address; the version is bumped once per event that
+/// changed anything; changes that end up in a token require a token refresh.
 pub fn apply_login(
     user: &mut UserRecord,
-    identity_groups: &mut Vec<String>,
+    identity: &(String, String),
     event: &LoginEvent,
     now: DateTime<Utc>,
 ) -> LoginOutcome {
     let mut outcome = LoginOutcome::default();
+    let at = event.occurred_at;
     if event.kind.counts_as_login() {
         user.login_count += 1;
-        if event.occurred_at > user.last_login_at {
-            user.last_login_at = event.occurred_at;
+        if at > user.last_login_at {
+            user.last_login_at = at;
         }
     }
-    if event.occurred_at < user.profile_event_at {
-        outcome.stale = true;
-        return outcome;
-    }
-    user.profile_event_at = event.occurred_at;
-
     let mut changed = false;
+    let mut stale = false;
     let mut reasons = Vec::new();
     if let Some(email) = &event.email {
-        if user.email.as_deref() != Some(email.as_str()) {
-            user.email = Some(email.clone());
-            // A new address is only as verified as the event says.
-            user.email_verified = event.email_verified.unwrap_or(false);
-            outcome.new_email = true;
-            changed = true;
-            reasons.push(RefreshReason::EmailChanged);
+        let owns = user.email_owner.as_ref().is_none_or(|o| o == identity);
+        if owns {
+            if is_fresh(&user.clocks, "email", at) {
+                advance(&mut user.clocks, "email", at);
+                if user.email_owner.is_none() {
+                    user.email_owner = Some(identity.clone());
+                }
+                if user.email.as_deref() != Some(email.as_str()) {
+                    user.email = Some(email.clone());
+                    // A new address is only as verified as the event says.
+                    user.email_verified = event.email_verified.unwrap_or(false);
+                    outcome.new_email = true;
+                    changed = true;
+                    reasons.push(RefreshReason::EmailChanged);
+                } else if let Some(verified) = event.email_verified {
+                    if verified != user.email_verified {
+                        user.email_verified = verified;
+                        changed = true;
+                        reasons.push(RefreshReason::EmailVerifiedChanged);
+                    }
+                }
+            } else {
+                stale = true;
+            }
         }
     }
-    if !outcome.new_email && set_if_changed(&mut user.email_verified, event.email_verified.as_ref())
-    {
-        changed = true;
-        reasons.push(RefreshReason::EmailVerifiedChanged);
+    let clocks = &mut user.clocks;
+    for (stored, incoming, field) in [
+        (
+            &mut user.auth_display_name,
+            event.display_name.as_ref(),
+            "displayName",
+        ),
+        (
+            &mut user.auth_picture_url,
+            event.photo_url.as_ref(),
+            "photoURL",
+        ),
+        (&mut user.given_name, event.given_name.as_ref(), "givenName"),
+        (
+            &mut user.family_name,
+            event.family_name.as_ref(),
+            "familyName",
+        ),
+        (&mut user.locale, event.locale.as_ref(), "locale"),
+    ] {
+        let mut current = stored.take();
+        let incoming = incoming.map(|v| Some(v.clone()));
+        changed |= set_field(
+            &mut current,
+            incoming.as_ref(),
+            clocks,
+            field,
+            at,
+            &mut stale,
+        );
+        *stored = current;
     }
-    changed |= set_opt_if_changed(&mut user.auth_display_name, &event.display_name);
-    changed |= set_opt_if_changed(&mut user.auth_picture_url, &event.photo_url);
-    changed |= set_opt_if_changed(&mut user.given_name, &event.given_name);
-    changed |= set_opt_if_changed(&mut user.family_name, &event.family_name);
-    changed |= set_opt_if_changed(&mut user.locale, &event.locale);
-    changed |= set_if_changed(
+    changed |= set_field(
         &mut user.workflow_variants,
         event.workflow_variants.as_ref(),
+        clocks,
+        "workflowVariants",
+        at,
+        &mut stale,
     );
-    if set_if_changed(identity_groups, event.groups.as_ref()) {
-        outcome.groups_changed = true;
-        changed = true;
-        reasons.push(RefreshReason::GroupsChanged);
+    if at > user.profile_event_at && !stale {
+        user.profile_event_at = at;
     }
     if changed {
         user.version += 1;
         user.modified_at = now;
     }
     reasons.sort();
+    outcome.stale = stale;
     outcome.changed = changed;
     outcome.refresh_reasons = reasons;
     outcome
@@ -297,10 +374,30 @@ pub fn plan_signup(
             path: vec![personal, favorites],
         },
     ];
+    let at = event.occurred_at;
+    let mut clocks = Clocks::new();
+    for (field, carried) in [
+        ("email", event.email.is_some()),
+        ("displayName", event.display_name.is_some()),
+        ("photoURL", event.photo_url.is_some()),
+        ("givenName", event.given_name.is_some()),
+        ("familyName", event.family_name.is_some()),
+        ("locale", event.locale.is_some()),
+        ("workflowVariants", event.workflow_variants.is_some()),
+    ] {
+        if carried {
+            advance(&mut clocks, field, at);
+        }
+    }
     let user = UserRecord {
         id: user_id,
         email: event.email.clone(),
         email_verified: event.email.is_some() && event.email_verified.unwrap_or(false),
+        email_owner: event
+            .email
+            .is_some()
+            .then(|| (event.provider.clone(), event.subject.clone())),
+        clocks,
         display_name: event.display_name.clone(),
         auth_display_name: event.display_name.clone(),
         auth_picture_url: event.photo_url.clone(),
@@ -329,7 +426,7 @@ pub fn plan_signup(
         connection_groups: event
             .connection
             .as_ref()
-            .map(|c| c.groups.clone())
+            .and_then(|c| c.groups.clone())
             .unwrap_or_default(),
         audience: event.audience.clone(),
         tenant_id,
@@ -363,16 +460,19 @@ mod tests {
         event
     }
 
-    fn signed_up(hour: u32) -> (UserRecord, Vec<String>) {
-        let plan = plan_signup(&login(hour), &ProvisioningConfig::default(), at(hour));
-        (plan.user, plan.groups)
+    fn me() -> (String, String) {
+        ("p".to_string(), "s".to_string())
+    }
+
+    fn signed_up(hour: u32) -> UserRecord {
+        plan_signup(&login(hour), &ProvisioningConfig::default(), at(hour)).user
     }
 
     #[test]
     fn unchanged_login_only_moves_bookkeeping() {
-        let (mut user, mut groups) = signed_up(1);
+        let mut user = signed_up(1);
         let before = user.clone();
-        let outcome = apply_login(&mut user, &mut groups, &login(2), at(2));
+        let outcome = apply_login(&mut user, &me(), &login(2), at(2));
         assert!(!outcome.changed && !outcome.token_refresh_required());
         assert_eq!(user.version, before.version);
         assert_eq!(user.last_login_at, at(2));
@@ -381,10 +481,10 @@ mod tests {
 
     #[test]
     fn profile_change_bumps_version_without_refresh() {
-        let (mut user, mut groups) = signed_up(1);
+        let mut user = signed_up(1);
         let mut ev = login(2);
         ev.display_name = Some("Ada".into());
-        let outcome = apply_login(&mut user, &mut groups, &ev, at(2));
+        let outcome = apply_login(&mut user, &me(), &ev, at(2));
         assert!(outcome.changed);
         assert!(!outcome.token_refresh_required());
         assert_eq!(user.version, 2);
@@ -395,11 +495,11 @@ mod tests {
 
     #[test]
     fn stale_event_never_overwrites_newer_data() {
-        let (mut user, mut groups) = signed_up(5);
+        let mut user = signed_up(5);
         let mut ev = login(3);
         ev.display_name = Some("Old".into());
         ev.email_verified = Some(true);
-        let outcome = apply_login(&mut user, &mut groups, &ev, at(6));
+        let outcome = apply_login(&mut user, &me(), &ev, at(6));
         assert!(outcome.stale && !outcome.changed);
         assert_eq!(user.auth_display_name.as_deref(), Some("A"));
         assert!(!user.email_verified);
@@ -407,18 +507,70 @@ mod tests {
     }
 
     #[test]
+    fn an_event_moves_only_the_fields_it_carries() {
+        // A login with no profile at 09:00 (Clerk `session.created`) ...
+        let mut bare = LoginEvent::new("s1", "t", at(9), "p", "s");
+        bare.kind = crate::events::login::LoginKind::Login;
+        let mut user = plan_signup(&bare, &ProvisioningConfig::default(), at(9)).user;
+        assert!(user.clocks.is_empty(), "nothing carried, no clock set");
+        // ... then the older `user.created` (08:00) with the address and names.
+        let mut created = login(8);
+        created.email_verified = Some(true);
+        let outcome = apply_login(&mut user, &me(), &created, at(9));
+        assert!(
+            !outcome.stale,
+            "nothing it carries was set by a newer event"
+        );
+        assert_eq!(user.email.as_deref(), Some("a@x.io"));
+        assert!(user.email_verified);
+        assert_eq!(user.auth_display_name.as_deref(), Some("A"));
+        // A still older event with another name loses to it, field by field.
+        let mut older = LoginEvent::new("s0", "t", at(7), "p", "s");
+        older.display_name = Some("Old".into());
+        older.locale = Some("fr".into());
+        let outcome = apply_login(&mut user, &me(), &older, at(9));
+        assert!(outcome.stale);
+        assert_eq!(user.auth_display_name.as_deref(), Some("A"));
+        assert_eq!(
+            user.locale.as_deref(),
+            Some("fr"),
+            "no newer event set the locale"
+        );
+    }
+
+    #[test]
+    fn only_the_owning_identity_moves_the_primary_address() {
+        let mut user = signed_up(1);
+        assert_eq!(user.email_owner, Some(me()));
+        let other = ("github".to_string(), "9".to_string());
+        let mut ev = LoginEvent::new("g", "t", at(2), "github", "9");
+        ev.email = Some("work@corp.io".into());
+        ev.email_verified = Some(true);
+        let outcome = apply_login(&mut user, &other, &ev, at(2));
+        assert_eq!(user.email.as_deref(), Some("a@x.io"), "not the owner");
+        assert!(!outcome.new_email && !user.email_verified);
+        // A verified flag without its address verifies nothing.
+        let mut flag = LoginEvent::new("f", "t", at(3), "p", "s");
+        flag.email_verified = Some(true);
+        apply_login(&mut user, &me(), &flag, at(3));
+        assert!(!user.email_verified);
+        // The owner moves it.
+        let mut moved = login(4);
+        moved.email = Some("new@x.io".into());
+        let outcome = apply_login(&mut user, &me(), &moved, at(4));
+        assert!(outcome.new_email);
+        assert_eq!(user.email.as_deref(), Some("new@x.io"));
+    }
+
+    #[test]
     fn token_claims_changes_require_refresh_with_reasons() {
-        let (mut user, mut groups) = signed_up(1);
+        let mut user = signed_up(1);
         let mut ev = login(2);
         ev.email_verified = Some(true);
-        ev.groups = Some(vec!["g1".into(), "g2".into()]);
-        let outcome = apply_login(&mut user, &mut groups, &ev, at(2));
+        let outcome = apply_login(&mut user, &me(), &ev, at(2));
         assert_eq!(
             outcome.refresh_reasons,
-            vec![
-                RefreshReason::EmailVerifiedChanged,
-                RefreshReason::GroupsChanged
-            ]
+            vec![RefreshReason::EmailVerifiedChanged]
         );
         assert_eq!(
             outcome.token_refresh_reason(),
@@ -428,15 +580,13 @@ mod tests {
         let mut ev = login(3);
         ev.email = Some("b@x.io".into());
         ev.email_verified = None;
-        ev.groups = None;
-        let outcome = apply_login(&mut user, &mut groups, &ev, at(3));
+        let outcome = apply_login(&mut user, &me(), &ev, at(3));
         assert!(outcome.new_email);
         assert!(
             !user.email_verified,
             "a new address is unverified unless said"
         );
         assert_eq!(outcome.refresh_reasons, vec![RefreshReason::EmailChanged]);
-        assert_eq!(groups, vec!["g1".to_string(), "g2".to_string()]);
     }
 
     #[test]

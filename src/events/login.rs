@@ -40,12 +40,48 @@ impl LoginKind {
     }
 }
 
-/// The connection (enterprise IdP link) the login came through, as in `$sync`.
+/// What kind of sign-in a connection is. Link trust depends on it: a database, social or
+/// passwordless connection is the provider's own check of the address; an enterprise
+/// (SAML / OIDC / AD) connection relays whatever the customer's IdP asserts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConnectionKind {
+    Database,
+    Social,
+    Enterprise,
+    Passwordless,
+}
+
+impl ConnectionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionKind::Database => "database",
+            ConnectionKind::Social => "social",
+            ConnectionKind::Enterprise => "enterprise",
+            ConnectionKind::Passwordless => "passwordless",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "database" => Some(ConnectionKind::Database),
+            "social" => Some(ConnectionKind::Social),
+            "enterprise" => Some(ConnectionKind::Enterprise),
+            "passwordless" => Some(ConnectionKind::Passwordless),
+            _ => None,
+        }
+    }
+}
+
+/// The connection the login came through, as in `$sync`, plus its kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Connection {
     pub connection_id: Option<String>,
-    /// Sorted, de-duplicated.
-    pub groups: Vec<String>,
+    /// `None`: the producer did not say. A connection id without a kind is treated as
+    /// enterprise wherever trust is decided (the safe reading).
+    pub kind: Option<ConnectionKind>,
+    /// Sorted, de-duplicated. `None`: the provider gave no groups (not "no groups"), so a
+    /// `force` set revokes nothing on it.
+    pub groups: Option<Vec<String>>,
 }
 
 /// A validated login. `None` means "the event did not say": stored values are kept.
@@ -130,6 +166,7 @@ struct AttributeData {
 struct ConnectionData {
     groups: Option<Vec<String>>,
     connection_id: Option<String>,
+    kind: Option<String>,
 }
 
 /// Size limits at the edge, so a hostile payload cannot bloat rows or tokens.
@@ -206,6 +243,38 @@ fn normalize_list(list: Option<Vec<String>>) -> Option<Vec<String>> {
     })
 }
 
+/// The one form of an address that is compared, stored and linked on, or `None` when it is
+/// not an address: trimmed, exactly one `@`, ASCII-only lower-casing of the local part
+/// (Unicode case folding maps U+212A KELVIN SIGN to `k`: CVE-2019-19844), and the domain
+/// through IDNA (UTS #46) to its lower-case ASCII form. A non-ASCII local part is kept as
+/// given; such an address is never a link key ([`is_linkable_email`]).
+pub fn normalize_email(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    let (local, domain) = raw.split_once('@')?;
+    if local.is_empty() || domain.is_empty() || domain.contains('@') || local.len() > 64 {
+        return None;
+    }
+    let domain = idna::domain_to_ascii(domain).ok()?;
+    if domain.is_empty() {
+        return None;
+    }
+    let local = if local.is_ascii() {
+        local.to_ascii_lowercase()
+    } else {
+        local.to_string()
+    };
+    Some(format!("{local}@{domain}"))
+}
+
+/// Only an all-ASCII normalized address links accounts: a non-ASCII local part has no
+/// agreed case folding, so two spellings could reach one mailbox or two.
+pub fn is_linkable_email(email: &str) -> bool {
+    email.is_ascii()
+}
+
 impl LoginEvent {
     /// A login that says nothing beyond its identity; adapters fill in what they know and
     /// then call [`LoginEvent::validated`].
@@ -248,7 +317,9 @@ impl LoginEvent {
     /// strings dropped, lists sorted and de-duplicated. Field names in errors are the
     /// normalized contract's (`data.<field>`).
     pub fn validated(mut self) -> Result<Self, DecodeError> {
-        self.provider = required("provider", Some(std::mem::take(&mut self.provider)))?;
+        // Provider names are case-insensitive: `Okta` must not escape rules written for `okta`.
+        self.provider =
+            required("provider", Some(std::mem::take(&mut self.provider)))?.to_ascii_lowercase();
         self.subject = required("subject", Some(std::mem::take(&mut self.subject)))?;
         if self.event_id.is_empty() || self.event_id.len() > 256 {
             return Err(DecodeError::new(
@@ -298,7 +369,7 @@ impl LoginEvent {
         check_list("groups", self.groups.as_ref())?;
         check_list("workflowVariants", self.workflow_variants.as_ref())?;
         if let Some(c) = &self.connection {
-            check_list("connection.groups", Some(&c.groups))?;
+            check_list("connection.groups", c.groups.as_ref())?;
             check_len("connection.connectionId", &c.connection_id, MAX_KEY)?;
         }
         if let Some(attributes) = &self.attributes {
@@ -329,20 +400,15 @@ impl LoginEvent {
                 }
             }
         }
-        let email = non_empty(self.email.take()).map(|e| e.trim().to_lowercase());
-        if let Some(e) = &email {
-            let valid = e
-                .split_once('@')
-                .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
-                && !e.contains(char::is_whitespace);
-            if !valid {
-                return Err(DecodeError::new(
+        self.email = match non_empty(self.email.take()) {
+            Some(raw) => Some(normalize_email(&raw).ok_or_else(|| {
+                DecodeError::new(
                     ErrorClass::InvalidField,
-                    "field `data.email` is not an email address",
-                ));
-            }
-        }
-        self.email = email;
+                    "field `data.email` is not an email address (one `@`, a local part, a valid domain)",
+                )
+            })?),
+            None => None,
+        };
         self.display_name = non_empty(self.display_name);
         self.photo_url = non_empty(self.photo_url);
         self.locale = non_empty(self.locale);
@@ -357,7 +423,7 @@ impl LoginEvent {
         self.groups = normalize_list(self.groups);
         if let Some(c) = &mut self.connection {
             c.connection_id = non_empty(c.connection_id.take());
-            c.groups = normalize_list(Some(std::mem::take(&mut c.groups))).unwrap_or_default();
+            c.groups = normalize_list(c.groups.take());
         }
         if let Some(attributes) = &mut self.attributes {
             for (key, _) in attributes.iter_mut() {
@@ -451,10 +517,22 @@ impl LoginEvent {
         event.attributes = data
             .attributes
             .map(|list| list.into_iter().map(|a| (a.key, a.value)).collect());
-        event.connection = data.connection.map(|c| Connection {
-            connection_id: c.connection_id,
-            groups: c.groups.unwrap_or_default(),
-        });
+        event.connection = match data.connection {
+            Some(c) => Some(Connection {
+                kind: match c.kind.as_deref().filter(|k| !k.trim().is_empty()) {
+                    None => None,
+                    Some(k) => Some(ConnectionKind::parse(k).ok_or_else(|| {
+                        DecodeError::new(
+                            ErrorClass::InvalidField,
+                            format!("field `data.connection.kind` is `{k}`; expected database, social, enterprise or passwordless"),
+                        )
+                    })?),
+                },
+                connection_id: c.connection_id,
+                groups: c.groups,
+            }),
+            None => None,
+        };
         event.client_upn_key = data.client_upn_key;
         event.custom_upn = data.custom_upn_value;
         event.hints = ProvisioningHints {

@@ -15,7 +15,8 @@ pub struct MergeRequest {
     pub new_user_id: Uuid,
     pub old_user_id: Uuid,
     pub reason: String,
-    pub requested_by: Option<String>,
+    /// Who asked (an operator, a ticket): required, recorded in the audit and the event.
+    pub requested_by: String,
 }
 
 #[derive(Deserialize)]
@@ -62,19 +63,31 @@ impl MergeRequest {
                 "field `data.reason` is over 1024 bytes",
             ));
         }
-        if data.requested_by.as_ref().is_some_and(|r| r.len() > 255) {
-            return Err(DecodeError::new(
-                ErrorClass::InvalidField,
-                "field `data.requestedBy` is over 255 bytes",
-            ));
-        }
+        let new_user_id = user_id("newUserID", data.new_user_id)?;
+        let old_user_id = user_id("oldUserId", data.old_user_id)?;
+        // A merge moves an account: it must say who asked for it.
+        let requested_by = match data.requested_by.map(|r| r.trim().to_string()) {
+            Some(r) if r.len() > 255 => {
+                return Err(DecodeError::new(
+                    ErrorClass::InvalidField,
+                    "field `data.requestedBy` is over 255 bytes",
+                ))
+            }
+            Some(r) if !r.is_empty() => r,
+            _ => {
+                return Err(DecodeError::new(
+                    ErrorClass::MissingField,
+                    "required field `data.requestedBy` is missing or empty",
+                ))
+            }
+        };
         Ok(MergeRequest {
             event_id: envelope.id,
             occurred_at: envelope.time,
-            new_user_id: user_id("newUserID", data.new_user_id)?,
-            old_user_id: user_id("oldUserId", data.old_user_id)?,
+            new_user_id,
+            old_user_id,
             reason,
-            requested_by: data.requested_by,
+            requested_by,
         })
     }
 }
@@ -112,5 +125,15 @@ mod tests {
         let err = MergeRequest::decode(Some(&event(&format!(r#"{{"newUserID":"{a}"}}"#))), 1 << 20)
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::MissingField);
+        // Nobody asked: refused.
+        let err = MergeRequest::decode(
+            Some(&event(&format!(
+                r#"{{"newUserID":"{a}","oldUserId":"{b}","reason":"dup"}}"#
+            ))),
+            1 << 20,
+        )
+        .unwrap_err();
+        assert_eq!(err.class, ErrorClass::MissingField);
+        assert!(err.reason.contains("requestedBy"), "{}", err.reason);
     }
 }

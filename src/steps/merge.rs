@@ -17,6 +17,8 @@ use crate::store::{inbox, StoreError};
 
 pub const USER_MERGED: &str = "user.merged";
 pub const USER_DEACTIVATED: &str = "user.deactivated";
+/// The old user's access tokens were revoked (by fingerprint; never the token itself).
+pub const USER_TOKENS_REVOKED: &str = "user.tokens_revoked";
 
 /// Weakest first: on a duplicate, the stronger permission / role survives.
 pub const PERMISSION_ORDER: [&str; 4] = ["read", "write", "admin", "owner"];
@@ -234,7 +236,7 @@ impl AccountMerge {
             old,
             new,
             &request.reason,
-            request.requested_by.as_deref(),
+            Some(request.requested_by.as_str()),
             &full,
         )
         .await?;
@@ -255,7 +257,8 @@ impl AccountMerge {
         );
         let time = request.occurred_at;
         let cause = request.event_id.as_str();
-        let events = [
+        let revoked: Vec<Uuid> = merge_report.tokens.iter().map(|t| t.token).collect();
+        let mut events = vec![
             ResultEvent::new(USER_MERGED, cause, new, time, raw(&data)),
             ResultEvent::new(
                 results::USER_TOKEN_REFRESH_REQUIRED,
@@ -276,6 +279,19 @@ impl AccountMerge {
                 })),
             ),
         ];
+        if !revoked.is_empty() {
+            events.push(ResultEvent::new(
+                USER_TOKENS_REVOKED,
+                cause,
+                old,
+                time,
+                raw(&serde_json::json!({
+                    "userId": old,
+                    "reason": "merged",
+                    "tokenFingerprints": revoked,
+                })),
+            ));
+        }
         Ok(events.iter().map(|e| result_message(ctx, e)).collect())
     }
 }

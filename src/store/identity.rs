@@ -1,61 +1,12 @@
 //! Identity claims: account-link candidates, roles, attributes and custom UPNs (batched).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::identity::{Grant, LinkCandidate};
-
-/// The active users holding each of these emails, with whether they verified it and
-/// whether they already have an identity of the given provider. Keyed by (email, provider).
-pub async fn link_candidates(
-    conn: &mut PgConnection,
-    lookups: &[(&str, &str)],
-) -> Result<HashMap<(String, String), Vec<LinkCandidate>>, sqlx::Error> {
-    let mut out: HashMap<(String, String), Vec<LinkCandidate>> = HashMap::new();
-    if lookups.is_empty() {
-        return Ok(out);
-    }
-    let emails: Vec<&str> = lookups.iter().map(|(e, _)| *e).collect();
-    let providers: Vec<&str> = lookups.iter().map(|(_, p)| *p).collect();
-    let rows = sqlx::query!(
-        r#"
-        SELECT k.email AS "email!", k.provider AS "provider!", u.id AS user_id,
-               bool_or(ue.verified_at IS NOT NULL) AS "verified!",
-               EXISTS (SELECT 1 FROM external_identities ei
-                       WHERE ei.user_id = u.id AND ei.provider = k.provider) AS "has_provider!"
-        FROM UNNEST($1::text[], $2::text[]) AS k(email, provider)
-        JOIN user_emails ue ON ue.email = k.email
-        JOIN users u ON u.id = ue.user_id AND u.lifecycle_state = 'active'
-        GROUP BY k.email, k.provider, u.id
-        ORDER BY u.id
-        "#,
-        &emails as &[&str],
-        &providers as &[&str],
-    )
-    .fetch_all(conn)
-    .await?;
-    for r in rows {
-        out.entry((r.email, r.provider))
-            .or_default()
-            .push(LinkCandidate {
-                user_id: r.user_id,
-                email_verified: r.verified,
-                has_provider_identity: r.has_provider,
-            });
-    }
-    Ok(out)
-}
-
-/// A user's roles, attributes and custom UPNs (client key → UPN).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClaimsState {
-    pub roles: BTreeSet<Grant>,
-    pub attributes: BTreeMap<String, String>,
-    pub upns: BTreeMap<String, String>,
-}
+pub use crate::domain::auth_sync::ClaimsState;
 
 /// Loads the claims state of these users (users with none are absent).
 pub async fn load_claims(
@@ -69,12 +20,13 @@ pub async fn load_claims(
     // One round trip: the three tables as tagged rows.
     let rows = sqlx::query!(
         r#"
-        SELECT user_id AS "user_id!", 'role' AS "kind!", role AS "k!", organization_id::text AS "v!"
+        SELECT user_id AS "user_id!", 'role' AS "kind!", role AS "k!", organization_id::text AS "v!",
+               granted_by AS by
           FROM user_roles WHERE user_id = ANY($1)
         UNION ALL
-        SELECT user_id, 'attribute', key, value FROM user_attributes WHERE user_id = ANY($1)
+        SELECT user_id, 'attribute', key, value, NULL FROM user_attributes WHERE user_id = ANY($1)
         UNION ALL
-        SELECT user_id, 'upn', client_key, upn FROM custom_upns WHERE user_id = ANY($1)
+        SELECT user_id, 'upn', client_key, upn, NULL FROM custom_upns WHERE user_id = ANY($1)
         "#,
         users
     )
@@ -85,7 +37,7 @@ pub async fn load_claims(
         match r.kind.as_str() {
             "role" => {
                 let org = Uuid::parse_str(&r.v).unwrap_or_default();
-                state.roles.insert((r.k, org));
+                state.roles.insert((r.k, org), r.by);
             }
             "attribute" => {
                 state.attributes.insert(r.k, r.v);
@@ -102,24 +54,31 @@ pub async fn load_claims(
 /// revocations, attribute upserts and deletions, UPN upserts (a UPN is never removed by a login).
 pub async fn write_claims(
     conn: &mut PgConnection,
-    changes: &[(Uuid, &ClaimsState, &ClaimsState)],
+    changes: &[(Uuid, ClaimsState, ClaimsState)],
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let mut grant: (Vec<Uuid>, Vec<&str>, Vec<Uuid>) = Default::default();
+    // (user, role, organization, granted_by), column by column for UNNEST.
+    type Grants<'a> = (Vec<Uuid>, Vec<&'a str>, Vec<Uuid>, Vec<Option<&'a str>>);
+    let mut grant: Grants<'_> = Default::default();
     let mut revoke: (Vec<Uuid>, Vec<&str>, Vec<Uuid>) = Default::default();
     let mut set_attr: (Vec<Uuid>, Vec<&str>, Vec<&str>) = Default::default();
     let mut del_attr: (Vec<Uuid>, Vec<&str>) = Default::default();
     let mut set_upn: (Vec<Uuid>, Vec<&str>, Vec<&str>) = Default::default();
     for (user, before, after) in changes {
-        for (role, org) in after.roles.difference(&before.roles) {
-            grant.0.push(*user);
-            grant.1.push(role);
-            grant.2.push(*org);
+        for ((role, org), by) in &after.roles {
+            if !before.roles.contains_key(&(role.clone(), *org)) {
+                grant.0.push(*user);
+                grant.1.push(role);
+                grant.2.push(*org);
+                grant.3.push(by.as_deref());
+            }
         }
-        for (role, org) in before.roles.difference(&after.roles) {
-            revoke.0.push(*user);
-            revoke.1.push(role);
-            revoke.2.push(*org);
+        for (role, org) in before.roles.keys() {
+            if !after.roles.contains_key(&(role.clone(), *org)) {
+                revoke.0.push(*user);
+                revoke.1.push(role);
+                revoke.2.push(*org);
+            }
         }
         for (k, v) in &after.attributes {
             if before.attributes.get(k) != Some(v) {
@@ -144,13 +103,14 @@ pub async fn write_claims(
     }
     if !grant.0.is_empty() {
         sqlx::query!(
-            r#"INSERT INTO user_roles (user_id, role, organization_id, granted_at)
-               SELECT u, r, o, $4 FROM UNNEST($1::uuid[], $2::text[], $3::uuid[]) AS x(u, r, o)
+            r#"INSERT INTO user_roles (user_id, role, organization_id, granted_at, granted_by)
+               SELECT u, r, o, $4, b FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $5::text[]) AS x(u, r, o, b)
                ON CONFLICT DO NOTHING"#,
             &grant.0,
             &grant.1 as &[&str],
             &grant.2,
             now,
+            &grant.3 as &[Option<&str>],
         )
         .execute(&mut *conn)
         .await?;

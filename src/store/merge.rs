@@ -165,6 +165,25 @@ pub struct MergeReport {
     pub memberships: Memberships,
     pub identities: Vec<MovedIdentity>,
     pub emails: Vec<String>,
+    /// Roles, devices, attributes and custom UPNs of the old user: each row as it was,
+    /// `moved` to the survivor or `dropped` (the survivor already had that key).
+    pub roles: ClaimRows,
+    pub devices: ClaimRows,
+    pub attributes: ClaimRows,
+    pub upns: ClaimRows,
+}
+
+/// Rows of one per-user table a merge moved or dropped, as they were (for the audit).
+#[derive(Debug, Default, Serialize)]
+pub struct ClaimRows {
+    pub moved: Vec<serde_json::Value>,
+    pub dropped: Vec<serde_json::Value>,
+}
+
+impl ClaimRows {
+    fn len(&self) -> usize {
+        self.moved.len() + self.dropped.len()
+    }
 }
 
 impl MergeReport {
@@ -188,6 +207,10 @@ impl MergeReport {
             + self.memberships.updated.len()
             + self.identities.len()
             + self.emails.len()
+            + self.roles.len()
+            + self.devices.len()
+            + self.attributes.len()
+            + self.upns.len()
     }
 }
 
@@ -479,10 +502,11 @@ pub async fn transfer(
         modified_by: r.modified_by,
     })
     .collect();
+    // The old user's sessions are revoked, not re-pointed: an old session must not act
+    // as the survivor. Reported (and announced) by fingerprint only.
     report.tokens = sqlx::query_scalar!(
-        "UPDATE access_tokens SET user_id = $2 WHERE user_id = $1 RETURNING token",
-        old,
-        new
+        "DELETE FROM access_tokens WHERE user_id = $1 RETURNING token",
+        old
     )
     .fetch_all(&mut *conn)
     .await?
@@ -535,24 +559,61 @@ pub async fn transfer(
     )
     .fetch_all(&mut *conn)
     .await?;
-    sqlx::query!(
-        r#"WITH r AS (DELETE FROM user_roles WHERE user_id = $1 RETURNING role, organization_id, granted_at),
-                d AS (DELETE FROM devices WHERE user_id = $1 RETURNING device_id, user_agent, first_seen_at, last_seen_at),
+    // Roles, devices, attributes and UPNs move unless the survivor has the same key; every
+    // row is reported as it was, moved or dropped, so the audit can explain and reverse it.
+    let rows = sqlx::query!(
+        r#"WITH r AS (DELETE FROM user_roles WHERE user_id = $1
+                      RETURNING role, organization_id, granted_at, granted_by),
+                d AS (DELETE FROM devices WHERE user_id = $1
+                      RETURNING device_id, user_agent, first_seen_at, last_seen_at),
                 a AS (DELETE FROM user_attributes WHERE user_id = $1 RETURNING key, value, updated_at),
                 u AS (DELETE FROM custom_upns WHERE user_id = $1 RETURNING client_key, upn, updated_at),
-                ri AS (INSERT INTO user_roles (user_id, role, organization_id, granted_at)
-                       SELECT $2, role, organization_id, granted_at FROM r ON CONFLICT DO NOTHING),
+                ri AS (INSERT INTO user_roles (user_id, role, organization_id, granted_at, granted_by)
+                       SELECT $2, role, organization_id, granted_at, 'merge:' || $1::uuid::text FROM r
+                       ON CONFLICT DO NOTHING RETURNING role, organization_id),
                 di AS (INSERT INTO devices (user_id, device_id, user_agent, first_seen_at, last_seen_at)
-                       SELECT $2, device_id, user_agent, first_seen_at, last_seen_at FROM d ON CONFLICT DO NOTHING),
+                       SELECT $2, device_id, user_agent, first_seen_at, last_seen_at FROM d
+                       ON CONFLICT DO NOTHING RETURNING device_id),
                 ai AS (INSERT INTO user_attributes (user_id, key, value, updated_at)
-                       SELECT $2, key, value, updated_at FROM a ON CONFLICT DO NOTHING)
-           INSERT INTO custom_upns (user_id, client_key, upn, updated_at)
-           SELECT $2, client_key, upn, updated_at FROM u ON CONFLICT DO NOTHING"#,
+                       SELECT $2, key, value, updated_at FROM a ON CONFLICT DO NOTHING RETURNING key),
+                ui AS (INSERT INTO custom_upns (user_id, client_key, upn, updated_at)
+                       SELECT $2, client_key, upn, updated_at FROM u
+                       ON CONFLICT DO NOTHING RETURNING client_key)
+           SELECT 'roles' AS "kind!", jsonb_build_object('role', r.role, 'organizationId', r.organization_id,
+                      'grantedAt', r.granted_at, 'grantedBy', r.granted_by) AS "row!",
+                  (ri.role IS NOT NULL) AS "moved!"
+             FROM r LEFT JOIN ri USING (role, organization_id)
+           UNION ALL
+           SELECT 'devices', jsonb_build_object('deviceId', d.device_id, 'userAgent', d.user_agent,
+                      'firstSeenAt', d.first_seen_at, 'lastSeenAt', d.last_seen_at),
+                  di.device_id IS NOT NULL
+             FROM d LEFT JOIN di USING (device_id)
+           UNION ALL
+           SELECT 'attributes', jsonb_build_object('key', a.key, 'value', a.value, 'updatedAt', a.updated_at),
+                  ai.key IS NOT NULL
+             FROM a LEFT JOIN ai USING (key)
+           UNION ALL
+           SELECT 'upns', jsonb_build_object('clientKey', u.client_key, 'upn', u.upn, 'updatedAt', u.updated_at),
+                  ui.client_key IS NOT NULL
+             FROM u LEFT JOIN ui USING (client_key)"#,
         old,
         new
     )
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
+    for r in rows {
+        let target = match r.kind.as_str() {
+            "roles" => &mut report.roles,
+            "devices" => &mut report.devices,
+            "attributes" => &mut report.attributes,
+            _ => &mut report.upns,
+        };
+        if r.moved {
+            target.moved.push(r.row);
+        } else {
+            target.dropped.push(r.row);
+        }
+    }
 
     sqlx::query!(
         r#"UPDATE users SET

@@ -4,81 +4,66 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::domain::auth_sync::IdentityWrite;
 use crate::domain::SignupPlan;
-
-/// An identity to claim for a user: a first login's own new user, or an existing user the
-/// login is linked to.
-#[derive(Debug, Clone)]
-pub struct NewIdentity<'a> {
-    pub provider: &'a str,
-    pub subject: &'a str,
-    pub user_id: Uuid,
-    pub email: Option<&'a str>,
-    pub email_verified: bool,
-    pub groups: &'a [String],
-    pub connection_id: Option<&'a str>,
-    pub connection_groups: &'a [String],
-    pub audience: Option<&'a str>,
-    pub at: DateTime<Utc>,
-    /// How a linked identity was linked (`verified_email`); `None` for a sign-up.
-    pub linked_by: Option<&'a str>,
-}
-
-impl<'a> NewIdentity<'a> {
-    pub fn of_plan(plan: &'a SignupPlan) -> Self {
-        NewIdentity {
-            provider: &plan.provider,
-            subject: &plan.subject,
-            user_id: plan.user.id,
-            email: plan.user.email.as_deref(),
-            email_verified: plan.user.email_verified,
-            groups: &plan.groups,
-            connection_id: plan.connection_id.as_deref(),
-            connection_groups: &plan.connection_groups,
-            audience: plan.audience.as_deref(),
-            at: plan.user.last_login_at,
-            linked_by: None,
-        }
-    }
-}
+use crate::store::users::clocks_to_json;
 
 /// Claims these identities. Returns the (provider, subject) pairs this transaction won; a
 /// pair another transaction claimed first (a concurrent first login, which this statement
 /// waits for) is not returned and must be handled as a known user.
 pub async fn claim_identities(
     conn: &mut PgConnection,
-    identities: &[NewIdentity<'_>],
+    identities: &[IdentityWrite],
 ) -> Result<Vec<(String, String)>, sqlx::Error> {
     if identities.is_empty() {
         return Ok(Vec::new());
     }
-    let providers: Vec<&str> = identities.iter().map(|i| i.provider).collect();
-    let subjects: Vec<&str> = identities.iter().map(|i| i.subject).collect();
+    let providers: Vec<&str> = identities.iter().map(|i| i.provider.as_str()).collect();
+    let subjects: Vec<&str> = identities.iter().map(|i| i.subject.as_str()).collect();
     let users: Vec<Uuid> = identities.iter().map(|i| i.user_id).collect();
-    let emails: Vec<Option<&str>> = identities.iter().map(|i| i.email).collect();
-    let verified: Vec<bool> = identities.iter().map(|i| i.email_verified).collect();
+    let emails: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.claims.email.as_deref())
+        .collect();
+    let verified: Vec<bool> = identities.iter().map(|i| i.claims.email_verified).collect();
     // text[] per row cannot be a row of a 2-D array (ragged): pass each as JSON.
     let groups: Vec<serde_json::Value> = identities
         .iter()
-        .map(|i| serde_json::json!(i.groups))
+        .map(|i| serde_json::json!(i.claims.groups))
         .collect();
-    let connection_ids: Vec<Option<&str>> = identities.iter().map(|i| i.connection_id).collect();
+    let connection_ids: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.claims.connection_id.as_deref())
+        .collect();
+    let connection_kinds: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.claims.connection_kind.map(|k| k.as_str()))
+        .collect();
     let connection_groups: Vec<serde_json::Value> = identities
         .iter()
-        .map(|i| serde_json::json!(i.connection_groups))
+        .map(|i| serde_json::json!(i.claims.connection_groups))
         .collect();
-    let audiences: Vec<Option<&str>> = identities.iter().map(|i| i.audience).collect();
-    let at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.at).collect();
+    let audiences: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.claims.audience.as_deref())
+        .collect();
+    let clocks: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| clocks_to_json(&i.claims.clocks))
+        .collect();
+    let at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.last_login_at).collect();
     let linked_by: Vec<Option<&str>> = identities.iter().map(|i| i.linked_by).collect();
     let rows = sqlx::query!(
         r#"
         INSERT INTO external_identities (provider, subject, user_id, email, email_verified, groups,
-                                         connection_id, connection_groups, audience, last_login_at, linked_by)
+                                         connection_id, connection_groups, audience, last_login_at,
+                                         linked_by, connection_kind, claim_clocks)
         SELECT p, s, u, e, v, ARRAY(SELECT jsonb_array_elements_text(g)), c,
-               ARRAY(SELECT jsonb_array_elements_text(cg)), a, t, l
+               ARRAY(SELECT jsonb_array_elements_text(cg)), a, t, l, ck, cl
         FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bool[], $6::jsonb[],
-                    $7::text[], $8::jsonb[], $9::text[], $10::timestamptz[], $11::text[])
-            AS x(p, s, u, e, v, g, c, cg, a, t, l)
+                    $7::text[], $8::jsonb[], $9::text[], $10::timestamptz[], $11::text[],
+                    $12::text[], $13::jsonb[])
+            AS x(p, s, u, e, v, g, c, cg, a, t, l, ck, cl)
         ON CONFLICT (provider, subject) DO NOTHING
         RETURNING provider, subject
         "#,
@@ -93,6 +78,8 @@ pub async fn claim_identities(
         &audiences as &[Option<&str>],
         &at,
         &linked_by as &[Option<&str>],
+        &connection_kinds as &[Option<&str>],
+        &clocks,
     )
     .fetch_all(conn)
     .await?;
@@ -128,15 +115,30 @@ pub async fn create(conn: &mut PgConnection, plans: &[&SignupPlan]) -> Result<()
     let at: Vec<chrono::DateTime<chrono::Utc>> =
         plans.iter().map(|p| p.user.profile_event_at).collect();
     let now: Vec<chrono::DateTime<chrono::Utc>> = plans.iter().map(|p| p.user.created_at).collect();
+    let owner_providers: Vec<Option<&str>> = plans
+        .iter()
+        .map(|p| p.user.email_owner.as_ref().map(|o| o.0.as_str()))
+        .collect();
+    let owner_subjects: Vec<Option<&str>> = plans
+        .iter()
+        .map(|p| p.user.email_owner.as_ref().map(|o| o.1.as_str()))
+        .collect();
+    let clocks: Vec<serde_json::Value> = plans
+        .iter()
+        .map(|p| clocks_to_json(&p.user.clocks))
+        .collect();
     sqlx::query!(
         r#"
         INSERT INTO users (id, email, display_name, auth_display_name, auth_picture_url, given_name,
                            family_name, locale, workflow_variants, profile_event_at, last_login_at,
-                           created_at, created_by, modified_at, modified_by)
-        SELECT id, e, n, n, pic, g, f, l, ARRAY(SELECT jsonb_array_elements_text(v)), t, t, c, id, c, id
+                           created_at, created_by, modified_at, modified_by, email_provider,
+                           email_subject, field_clocks)
+        SELECT id, e, n, n, pic, g, f, l, ARRAY(SELECT jsonb_array_elements_text(v)), t, t, c, id, c, id,
+               ep, es, cl
         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                    $7::text[], $8::jsonb[], $9::timestamptz[], $10::timestamptz[])
-            AS x(id, e, n, pic, g, f, l, v, t, c)
+                    $7::text[], $8::jsonb[], $9::timestamptz[], $10::timestamptz[], $11::text[],
+                    $12::text[], $13::jsonb[])
+            AS x(id, e, n, pic, g, f, l, v, t, c, ep, es, cl)
         "#,
         &ids,
         &emails as &[Option<&str>],
@@ -148,6 +150,9 @@ pub async fn create(conn: &mut PgConnection, plans: &[&SignupPlan]) -> Result<()
         &variants,
         &at,
         &now,
+        &owner_providers as &[Option<&str>],
+        &owner_subjects as &[Option<&str>],
+        &clocks,
     )
     .execute(&mut *conn)
     .await?;

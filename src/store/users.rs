@@ -1,26 +1,61 @@
 //! Known users: load (and lock) by identity, write back what the domain decided.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::UserRecord;
+pub use crate::domain::auth_sync::{DeviceSighting, EmailState, IdentityWrite};
+use crate::domain::auth_sync::{IdentityClaims, KnownIdentity};
+use crate::domain::identity::LinkTarget;
+use crate::domain::{Clocks, UserRecord};
+use crate::events::login::ConnectionKind;
 
-/// A known identity and the (locked) user it resolves to.
-#[derive(Debug, Clone)]
-pub struct LoadedIdentity {
-    pub provider: String,
-    pub subject: String,
-    pub groups: Vec<String>,
-    pub connection_id: Option<String>,
-    pub connection_groups: Vec<String>,
-    pub audience: Option<String>,
-    /// The email this identity's provider last asserted, and whether it said verified.
-    pub email: Option<String>,
-    pub email_verified: bool,
-    /// Set when a merge moved this identity here from another user.
-    pub merged_from: Option<Uuid>,
-    pub user: UserRecord,
+/// Clocks as stored (`{"field": "rfc3339"}`); an entry that does not parse is dropped.
+pub fn clocks_from_json(value: serde_json::Value) -> Clocks {
+    serde_json::from_value(value).unwrap_or_default()
+}
+
+pub fn clocks_to_json(clocks: &Clocks) -> serde_json::Value {
+    serde_json::to_value(clocks).unwrap_or_else(|_| serde_json::json!({}))
+}
+
+fn kind_of(value: Option<&str>) -> Option<ConnectionKind> {
+    value.and_then(ConnectionKind::parse)
+}
+
+/// Postgres advisory-lock keys for a batch's first logins: one per identity and per
+/// address. Taken in sorted order, so two batches (on one replica or two) wanting the same
+/// address queue behind each other instead of both signing up a user.
+pub fn lock_keys<'a>(
+    identities: impl IntoIterator<Item = &'a (String, String)>,
+    addresses: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let mut keys: Vec<String> = identities
+        .into_iter()
+        .map(|(p, s)| format!("authsync:identity:{p}\u{1f}{s}"))
+        .chain(addresses.into_iter().map(|a| format!("authsync:email:{a}")))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Takes transaction-scoped advisory locks on `keys` (hashed to 64 bits), in hash order.
+pub async fn lock(conn: &mut PgConnection, keys: &[String]) -> Result<(), sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query!(
+        r#"SELECT count(pg_advisory_xact_lock(k)) AS "n!" FROM (
+               SELECT DISTINCT hashtextextended(x, 0) AS k FROM UNNEST($1::text[]) AS x ORDER BY 1
+           ) s"#,
+        keys
+    )
+    .fetch_one(conn)
+    .await
+    .map(|_| ())
 }
 
 /// Loads and locks the users of these identities, in user-id order (a fixed lock order is
@@ -28,15 +63,17 @@ pub struct LoadedIdentity {
 pub async fn lock_by_identities(
     conn: &mut PgConnection,
     keys: &[(String, String)],
-) -> Result<Vec<LoadedIdentity>, sqlx::Error> {
+) -> Result<(Vec<KnownIdentity>, HashMap<Uuid, UserRecord>), sqlx::Error> {
     let providers: Vec<&str> = keys.iter().map(|(p, _)| p.as_str()).collect();
     let subjects: Vec<&str> = keys.iter().map(|(_, s)| s.as_str()).collect();
     let rows = sqlx::query!(
         r#"
-        SELECT ei.provider, ei.subject, ei.groups, ei.connection_id, ei.connection_groups,
-               ei.audience, ei.email AS identity_email,
+        SELECT ei.provider, ei.subject, ei.groups, ei.connection_id, ei.connection_kind,
+               ei.connection_groups, ei.audience, ei.email AS identity_email,
                ei.email_verified AS identity_email_verified, ei.merged_from,
+               ei.claim_clocks, ei.last_login_at AS identity_login_at,
                u.id, u.email, (ue.verified_at IS NOT NULL) AS "email_verified!",
+               u.email_provider, u.email_subject, u.field_clocks,
                u.display_name, u.auth_display_name, u.auth_picture_url, u.given_name,
                u.family_name, u.locale, u.workflow_variants, u.lifecycle_state, u.version,
                u.profile_event_at, u.last_login_at, u.login_count, u.created_at, u.modified_at
@@ -52,39 +89,114 @@ pub async fn lock_by_identities(
     )
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| LoadedIdentity {
-            provider: r.provider,
-            subject: r.subject,
-            groups: r.groups,
-            connection_id: r.connection_id,
-            connection_groups: r.connection_groups,
-            audience: r.audience,
-            email: r.identity_email,
-            email_verified: r.identity_email_verified,
-            merged_from: r.merged_from,
-            user: UserRecord {
-                id: r.id,
-                email: r.email,
-                email_verified: r.email_verified,
-                display_name: r.display_name,
-                auth_display_name: r.auth_display_name,
-                auth_picture_url: r.auth_picture_url,
-                given_name: r.given_name,
-                family_name: r.family_name,
-                locale: r.locale,
-                workflow_variants: r.workflow_variants,
-                lifecycle_state: r.lifecycle_state,
-                version: r.version,
-                profile_event_at: r.profile_event_at,
-                last_login_at: r.last_login_at,
-                login_count: r.login_count,
-                created_at: r.created_at,
-                modified_at: r.modified_at,
+    let mut identities = Vec::with_capacity(rows.len());
+    let mut users = HashMap::new();
+    for r in rows {
+        identities.push(KnownIdentity {
+            key: (r.provider, r.subject),
+            user_id: r.id,
+            claims: IdentityClaims {
+                email: r.identity_email,
+                email_verified: r.identity_email_verified,
+                groups: r.groups,
+                connection_id: r.connection_id,
+                connection_kind: kind_of(r.connection_kind.as_deref()),
+                connection_groups: r.connection_groups,
+                audience: r.audience,
+                clocks: clocks_from_json(r.claim_clocks),
             },
-        })
-        .collect())
+            merged_from: r.merged_from,
+            last_login_at: r.identity_login_at,
+        });
+        users.entry(r.id).or_insert(UserRecord {
+            id: r.id,
+            email: r.email,
+            email_verified: r.email_verified,
+            email_owner: r.email_provider.zip(r.email_subject),
+            clocks: clocks_from_json(r.field_clocks),
+            display_name: r.display_name,
+            auth_display_name: r.auth_display_name,
+            auth_picture_url: r.auth_picture_url,
+            given_name: r.given_name,
+            family_name: r.family_name,
+            locale: r.locale,
+            workflow_variants: r.workflow_variants,
+            lifecycle_state: r.lifecycle_state,
+            version: r.version,
+            profile_event_at: r.profile_event_at,
+            last_login_at: r.last_login_at,
+            login_count: r.login_count,
+            created_at: r.created_at,
+            modified_at: r.modified_at,
+        });
+    }
+    Ok((identities, users))
+}
+
+/// The identities of active users that currently assert one of these addresses (verified
+/// or not), with the providers of each user; the users are loaded and locked.
+pub async fn lock_link_targets(
+    conn: &mut PgConnection,
+    addresses: &[&str],
+) -> Result<(HashMap<String, Vec<LinkTarget>>, HashMap<Uuid, UserRecord>), sqlx::Error> {
+    let mut targets: HashMap<String, Vec<LinkTarget>> = HashMap::new();
+    let mut users = HashMap::new();
+    if addresses.is_empty() {
+        return Ok((targets, users));
+    }
+    let rows = sqlx::query!(
+        r#"
+        SELECT ei.email AS "address!", ei.provider, ei.connection_id, ei.connection_kind,
+               ei.email_verified AS identity_email_verified,
+               ARRAY(SELECT DISTINCT o.provider FROM external_identities o WHERE o.user_id = u.id) AS "providers!",
+               u.id, u.email, (ue.verified_at IS NOT NULL) AS "email_verified!",
+               u.email_provider, u.email_subject, u.field_clocks,
+               u.display_name, u.auth_display_name, u.auth_picture_url, u.given_name,
+               u.family_name, u.locale, u.workflow_variants, u.lifecycle_state, u.version,
+               u.profile_event_at, u.last_login_at, u.login_count, u.created_at, u.modified_at
+        FROM external_identities ei
+        JOIN users u ON u.id = ei.user_id AND u.lifecycle_state = 'active'
+        LEFT JOIN user_emails ue ON ue.user_id = u.id AND ue.email = u.email
+        WHERE ei.email = ANY($1)
+        ORDER BY u.id, ei.provider, ei.subject
+        FOR UPDATE OF u
+        "#,
+        addresses as &[&str],
+    )
+    .fetch_all(conn)
+    .await?;
+    for r in rows {
+        targets.entry(r.address).or_default().push(LinkTarget {
+            user_id: r.id,
+            provider: r.provider,
+            connection_id: r.connection_id,
+            connection_kind: kind_of(r.connection_kind.as_deref()),
+            email_verified: r.identity_email_verified,
+            user_providers: r.providers,
+        });
+        users.entry(r.id).or_insert(UserRecord {
+            id: r.id,
+            email: r.email,
+            email_verified: r.email_verified,
+            email_owner: r.email_provider.zip(r.email_subject),
+            clocks: clocks_from_json(r.field_clocks),
+            display_name: r.display_name,
+            auth_display_name: r.auth_display_name,
+            auth_picture_url: r.auth_picture_url,
+            given_name: r.given_name,
+            family_name: r.family_name,
+            locale: r.locale,
+            workflow_variants: r.workflow_variants,
+            lifecycle_state: r.lifecycle_state,
+            version: r.version,
+            profile_event_at: r.profile_event_at,
+            last_login_at: r.last_login_at,
+            login_count: r.login_count,
+            created_at: r.created_at,
+            modified_at: r.modified_at,
+        });
+    }
+    Ok((targets, users))
 }
 
 /// Writes the full state of each user (one statement for the batch).
@@ -110,6 +222,15 @@ pub async fn write(conn: &mut PgConnection, users: &[&UserRecord]) -> Result<(),
         .iter()
         .map(|u| serde_json::json!(u.workflow_variants))
         .collect();
+    let owner_providers: Vec<Option<&str>> = users
+        .iter()
+        .map(|u| u.email_owner.as_ref().map(|o| o.0.as_str()))
+        .collect();
+    let owner_subjects: Vec<Option<&str>> = users
+        .iter()
+        .map(|u| u.email_owner.as_ref().map(|o| o.1.as_str()))
+        .collect();
+    let clocks: Vec<serde_json::Value> = users.iter().map(|u| clocks_to_json(&u.clocks)).collect();
     let versions: Vec<i64> = users.iter().map(|u| u.version).collect();
     let profile_at: Vec<DateTime<Utc>> = users.iter().map(|u| u.profile_event_at).collect();
     let login_at: Vec<DateTime<Utc>> = users.iter().map(|u| u.last_login_at).collect();
@@ -124,12 +245,15 @@ pub async fn write(conn: &mut PgConnection, users: &[&UserRecord]) -> Result<(),
             workflow_variants = ARRAY(SELECT jsonb_array_elements_text(d.variants)),
             version = d.version, profile_event_at = d.profile_event_at,
             last_login_at = d.last_login_at, login_count = d.login_count,
-            modified_at = d.modified_at, modified_by = CASE WHEN d.version <> u.version THEN d.id ELSE u.modified_by END
+            modified_at = d.modified_at, modified_by = CASE WHEN d.version <> u.version THEN d.id ELSE u.modified_by END,
+            email_provider = d.email_provider, email_subject = d.email_subject,
+            field_clocks = d.clocks
         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                     $7::text[], $8::jsonb[], $9::int8[], $10::timestamptz[], $11::timestamptz[],
-                    $12::int8[], $13::timestamptz[])
+                    $12::int8[], $13::timestamptz[], $14::text[], $15::text[], $16::jsonb[])
             AS d(id, email, auth_display_name, auth_picture_url, given_name, family_name, locale,
-                 variants, version, profile_event_at, last_login_at, login_count, modified_at)
+                 variants, version, profile_event_at, last_login_at, login_count, modified_at,
+                 email_provider, email_subject, clocks)
         WHERE u.id = d.id
         "#,
         &ids,
@@ -145,18 +269,13 @@ pub async fn write(conn: &mut PgConnection, users: &[&UserRecord]) -> Result<(),
         &login_at,
         &counts,
         &modified,
+        &owner_providers as &[Option<&str>],
+        &owner_subjects as &[Option<&str>],
+        &clocks,
     )
     .execute(conn)
     .await
     .map(|_| ())
-}
-
-/// The verification state of one (user, email), as the latest applied event says.
-#[derive(Debug, Clone)]
-pub struct EmailState {
-    pub user_id: Uuid,
-    pub email: String,
-    pub verified_at: Option<DateTime<Utc>>,
 }
 
 /// Adds addresses and records (un)verification; a verified address keeps its first
@@ -188,24 +307,10 @@ pub async fn upsert_emails(
     .map(|_| ())
 }
 
-/// The claims of one identity after the batch (written only when they changed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityState {
-    pub provider: String,
-    pub subject: String,
-    pub groups: Vec<String>,
-    pub connection_id: Option<String>,
-    pub connection_groups: Vec<String>,
-    pub audience: Option<String>,
-    pub email: Option<String>,
-    pub email_verified: bool,
-    pub last_login_at: DateTime<Utc>,
-}
-
 /// `identities` must not repeat a (provider, subject).
 pub async fn update_identities(
     conn: &mut PgConnection,
-    identities: &[IdentityState],
+    identities: &[IdentityWrite],
 ) -> Result<(), sqlx::Error> {
     if identities.is_empty() {
         return Ok(());
@@ -214,33 +319,47 @@ pub async fn update_identities(
     let subjects: Vec<&str> = identities.iter().map(|i| i.subject.as_str()).collect();
     let groups: Vec<serde_json::Value> = identities
         .iter()
-        .map(|i| serde_json::json!(i.groups))
+        .map(|i| serde_json::json!(i.claims.groups))
         .collect();
-    let emails: Vec<Option<&str>> = identities.iter().map(|i| i.email.as_deref()).collect();
-    let verified: Vec<bool> = identities.iter().map(|i| i.email_verified).collect();
+    let emails: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.claims.email.as_deref())
+        .collect();
+    let verified: Vec<bool> = identities.iter().map(|i| i.claims.email_verified).collect();
     let login_at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.last_login_at).collect();
     let connection_ids: Vec<Option<&str>> = identities
         .iter()
-        .map(|i| i.connection_id.as_deref())
+        .map(|i| i.claims.connection_id.as_deref())
+        .collect();
+    let connection_kinds: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.claims.connection_kind.map(|k| k.as_str()))
         .collect();
     let connection_groups: Vec<serde_json::Value> = identities
         .iter()
-        .map(|i| serde_json::json!(i.connection_groups))
+        .map(|i| serde_json::json!(i.claims.connection_groups))
         .collect();
-    let audiences: Vec<Option<&str>> = identities.iter().map(|i| i.audience.as_deref()).collect();
+    let audiences: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.claims.audience.as_deref())
+        .collect();
+    let clocks: Vec<serde_json::Value> = identities
+        .iter()
+        .map(|i| clocks_to_json(&i.claims.clocks))
+        .collect();
     sqlx::query!(
         r#"
         UPDATE external_identities ei SET
             groups = ARRAY(SELECT jsonb_array_elements_text(d.groups)),
             email = d.email, email_verified = d.verified,
             last_login_at = GREATEST(ei.last_login_at, d.login_at),
-            connection_id = d.connection_id,
+            connection_id = d.connection_id, connection_kind = d.connection_kind,
             connection_groups = ARRAY(SELECT jsonb_array_elements_text(d.connection_groups)),
-            audience = d.audience
+            audience = d.audience, claim_clocks = d.clocks
         FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::bool[], $6::timestamptz[],
-                    $7::text[], $8::jsonb[], $9::text[])
+                    $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::jsonb[])
             AS d(provider, subject, groups, email, verified, login_at, connection_id,
-                 connection_groups, audience)
+                 connection_groups, audience, connection_kind, clocks)
         WHERE ei.provider = d.provider AND ei.subject = d.subject
         "#,
         &providers as &[&str],
@@ -252,18 +371,12 @@ pub async fn update_identities(
         &connection_ids as &[Option<&str>],
         &connection_groups,
         &audiences as &[Option<&str>],
+        &connection_kinds as &[Option<&str>],
+        &clocks,
     )
     .execute(conn)
     .await
     .map(|_| ())
-}
-
-#[derive(Debug, Clone)]
-pub struct DeviceSighting {
-    pub user_id: Uuid,
-    pub device_id: String,
-    pub user_agent: Option<String>,
-    pub seen_at: DateTime<Utc>,
 }
 
 /// Records devices with first / last seen. `devices` must not repeat a (user, device).

@@ -12,14 +12,14 @@ use uuid::Uuid;
 use crate::helpers::*;
 
 /// The auth-sync step on a database of its own, one message per batch.
-struct Direct {
-    db: TestDb,
-    ctx: StepContext,
+pub struct Direct {
+    pub db: TestDb,
+    pub ctx: StepContext,
     offset: i64,
 }
 
 impl Direct {
-    async fn new(tweak: impl FnOnce(&mut Config)) -> Self {
+    pub async fn new(tweak: impl FnOnce(&mut Config)) -> Self {
         let db = TestDb::new().await;
         let mut config = test_config("unused:9092", &db.url);
         tweak(&mut config);
@@ -28,25 +28,30 @@ impl Direct {
         Self { db, ctx, offset: 0 }
     }
 
-    async fn login(&mut self, id: &str, time: &str, data: Value) {
-        self.offset += 1;
-        let message = InputMessage {
-            topic: "auth.login.v1".into(),
-            partition: 0,
-            offset: self.offset,
-            key: None,
-            value: Some(login(id, time, data)),
-            headers: vec![],
-            timestamp: None,
-        };
+    pub async fn login(&mut self, id: &str, time: &str, data: Value) {
+        let message = self.message(login(id, time, data), vec![]);
         let report = run_batch(&self.db.pool, &self.ctx, &AuthSync, &[message])
             .await
             .expect("batch applies");
         assert_eq!(report.applied, 1, "{id} applied: {report:?}");
     }
 
+    /// The next message of the login topic (partition 0).
+    pub fn message(&mut self, value: Vec<u8>, headers: Vec<(String, Vec<u8>)>) -> InputMessage {
+        self.offset += 1;
+        InputMessage {
+            topic: "auth.login.v1".into(),
+            partition: 0,
+            offset: self.offset,
+            key: None,
+            value: Some(value),
+            headers,
+            timestamp: None,
+        }
+    }
+
     /// The result event of `event_type` that input `cause` produced, if any.
-    async fn result(&self, cause: &str, event_type: &str) -> Option<Value> {
+    pub async fn result(&self, cause: &str, event_type: &str) -> Option<Value> {
         let id = ids::result_event_id(cause, event_type);
         let payload: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT payload FROM outbox WHERE event_id = $1")
@@ -61,13 +66,13 @@ impl Direct {
         })
     }
 
-    async fn synced(&self, cause: &str) -> Value {
+    pub async fn synced(&self, cause: &str) -> Value {
         self.result(cause, "user.synced")
             .await
             .unwrap_or_else(|| panic!("no user.synced for {cause}"))
     }
 
-    async fn user_of(&self, provider: &str, subject: &str) -> Uuid {
+    pub async fn user_of(&self, provider: &str, subject: &str) -> Uuid {
         sqlx::query_scalar(
             "SELECT user_id FROM external_identities WHERE provider = $1 AND subject = $2",
         )
@@ -78,7 +83,7 @@ impl Direct {
         .expect("identity exists")
     }
 
-    async fn roles(&self, user: Uuid) -> Vec<String> {
+    pub async fn roles(&self, user: Uuid) -> Vec<String> {
         sqlx::query_scalar("SELECT role FROM user_roles WHERE user_id = $1 ORDER BY role")
             .bind(user)
             .fetch_all(&self.db.pool)
@@ -87,7 +92,7 @@ impl Direct {
     }
 }
 
-fn rule(claim: &str, kind: &str, value: &str, role: &str) -> RoleRuleConfig {
+pub fn rule(claim: &str, kind: &str, value: &str, role: &str) -> RoleRuleConfig {
     RoleRuleConfig {
         name: None,
         claim: claim.into(),
@@ -98,11 +103,13 @@ fn rule(claim: &str, kind: &str, value: &str, role: &str) -> RoleRuleConfig {
     }
 }
 
-fn role_set(mode: &str, rules: Vec<RoleRuleConfig>) -> RoleSetConfig {
+pub fn role_set(mode: &str, rules: Vec<RoleRuleConfig>) -> RoleSetConfig {
     RoleSetConfig {
         name: format!("{mode}-set"),
         mode: mode.into(),
         providers: Vec::new(),
+        connections: Vec::new(),
+        allow_global: false,
         rules,
     }
 }
@@ -250,7 +257,11 @@ async fn attribute_and_connection_group_rules_scope_roles_to_organizations() {
         by_dept.organization = Some(org.to_string());
         let mut by_connection = rule("connection.groups", "prefix", "AAD-", "member");
         by_connection.organization = Some("personal".into());
-        c.identity.role_sets = vec![role_set("force", vec![by_dept, by_connection])];
+        // The operator's own rules for a trusted connection: its claims may use the rules'
+        // scopes (a customer connection would grant only inside its organization).
+        let mut set = role_set("force", vec![by_dept, by_connection]);
+        set.allow_global = true;
+        c.identity.role_sets = vec![set];
     })
     .await;
     d.login(
@@ -512,11 +523,19 @@ async fn pre_registered_unverified_account_cannot_capture_a_verified_login() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_verified_candidates_are_never_linked() {
-    let mut d = Direct::new(|c| c.identity.untrusted_link_providers = vec!["saml".into()]).await;
+    let mut d = Direct::new(|_| {}).await;
     let first = existing_user(&mut d, "m1", "google", "g-kim", true).await;
-    // An untrusted provider is not linked, so a second verified holder of the address exists.
-    let second = existing_user(&mut d, "m2", "saml", "s-kim", true).await;
+    // Signed up unverified (so not linked), then verified by its own provider: a second
+    // trusted, verified holder of the address.
+    let second = existing_user(&mut d, "m2", "apple", "a-kim", false).await;
     assert_ne!(first, second);
+    d.login(
+        "m2b",
+        "2026-05-01T09:30:00Z",
+        json!({"provider": "apple", "subject": "a-kim", "email": "kim@example.test",
+               "isEmailVerified": true}),
+    )
+    .await;
     new_identity(&mut d, "m3", "github", true).await;
     assert_not_linked(&d, "m3", "github", first, "multiple_candidates").await;
     assert_ne!(d.user_of("github", "github-new").await, second);

@@ -14,3 +14,4 @@ mod providers;
 mod real_broker;
 mod relay;
 mod runtime;
+mod trust;

@@ -98,7 +98,7 @@ async fn merge_transfers_everything_reports_it_and_is_applied_once() {
     .await;
     h.wait_handled(5).await;
     h.wait_published().await;
-    let out = h.outputs(4 + 3 + 1).await;
+    let out = h.outputs(4 + 4 + 1).await;
     h.stop().await;
 
     let db = &h.db;
@@ -110,7 +110,8 @@ async fn merge_transfers_everything_reports_it_and_is_applied_once() {
         (format!("SELECT count(*) FROM recent_assets WHERE user_id = '{old}'"), 0),
         (format!("SELECT count(*) FROM collection_permissions WHERE user_id = '{new}' AND collection_id = '{shared}' AND action = 'admin'"), 1),
         (format!("SELECT count(*) FROM collection_permissions WHERE user_id = '{old}'"), 0),
-        (format!("SELECT count(*) FROM access_tokens WHERE user_id = '{new}'"), 1),
+        // Revoked, not moved: an old session must not act as the survivor.
+        (format!("SELECT count(*) FROM access_tokens WHERE user_id IN ('{new}', '{old}')"), 0),
         (format!("SELECT count(*) FROM external_identities WHERE user_id = '{new}'"), 2),
         (format!("SELECT count(*) FROM user_emails WHERE user_id = '{new}'"), 2),
         (format!("SELECT count(*) FROM devices WHERE user_id = '{new}'"), 2),
@@ -147,6 +148,21 @@ async fn merge_transfers_everything_reports_it_and_is_applied_once() {
         "tokens are fingerprinted"
     );
     assert_eq!(data["workingContext"][0]["user_id"], json!(old));
+    // Devices: each side had its own; the old one moved (and is reported as it was).
+    assert_eq!(data["devices"]["moved"].as_array().map(Vec::len), Some(1));
+    assert_eq!(data["devices"]["moved"][0]["deviceId"], json!("old-phone"));
+    let revoked: Vec<serde_json::Value> = out
+        .iter()
+        .filter(|o| o.event_type() == "user.tokens_revoked")
+        .map(Output::json)
+        .collect();
+    assert_eq!(revoked.len(), 1, "the revocation is announced once");
+    assert_matches_schema(&revoked[0]);
+    assert_eq!(revoked[0]["subject"], json!(old));
+    assert_eq!(
+        revoked[0]["data"]["tokenFingerprints"][0],
+        data["tokens"][0]["token"]
+    );
     assert_eq!(data["truncated"], json!(false));
 
     let refresh: Vec<serde_json::Value> = out

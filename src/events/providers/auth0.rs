@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{
     as_email, attributes, derived_id, missing, owned, parse, require, rfc3339, Delivery, Provider,
 };
-use crate::events::login::{Connection, LoginKind};
+use crate::events::login::{Connection, ConnectionKind, LoginKind};
 use crate::events::{DecodeError, LoginEvent};
 
 const PROVIDER: &str = "auth0";
@@ -186,10 +186,14 @@ fn post_login(event: &Value, delivery: &Delivery<'_>) -> Result<LoginEvent, Deco
         .map(|roles| roles.iter().map(|r| r.to_string()).collect());
     let org = e.organization.as_ref();
     let conn = e.connection.as_ref();
-    login.connection = conn.and_then(|c| c.id).map(|id| Connection {
-        connection_id: Some(id.to_string()),
-        groups: Vec::new(),
-    });
+    // Auth0 relays an enterprise IdP's `email_verified` as is: the kind decides trust.
+    login.connection = conn
+        .filter(|c| c.id.is_some() || c.strategy.is_some())
+        .map(|c| Connection {
+            connection_id: owned(c.id),
+            kind: c.strategy.and_then(super::auth0_strategy_kind),
+            groups: None,
+        });
     login.attributes = attributes(&[
         ("auth0.organization_id", org.and_then(|o| o.id)),
         ("auth0.organization_name", org.and_then(|o| o.name)),
@@ -235,6 +239,7 @@ struct LogRecord<'a> {
     connection: Option<&'a str>,
     connection_id: Option<&'a str>,
     strategy: Option<&'a str>,
+    strategy_type: Option<&'a str>,
     user_agent: Option<&'a str>,
     organization_id: Option<&'a str>,
     organization_name: Option<&'a str>,
@@ -288,10 +293,16 @@ fn log_records(payload: &Value, delivery: &Delivery<'_>) -> Result<Vec<LoginEven
         login.email = as_email(r.user_name);
         login.user_agent = owned(r.user_agent);
         login.audience = owned(r.client_id);
-        login.connection = r.connection_id.map(|id| Connection {
-            connection_id: Some(id.to_string()),
-            groups: Vec::new(),
-        });
+        if r.connection_id.is_some() || r.strategy.is_some() {
+            login.connection = Some(Connection {
+                connection_id: owned(r.connection_id),
+                kind: r
+                    .strategy_type
+                    .and_then(ConnectionKind::parse)
+                    .or_else(|| r.strategy.and_then(super::auth0_strategy_kind)),
+                groups: None,
+            });
+        }
         login.attributes = attributes(&[
             ("auth0.organization_id", r.organization_id),
             ("auth0.organization_name", r.organization_name),

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{attributes, epoch_millis, full_name, missing, owned, parse, require, Delivery};
-use crate::events::login::LoginKind;
+use crate::events::login::{Connection, ConnectionKind, LoginKind};
 use crate::events::{DecodeError, LoginEvent};
 
 const PROVIDER: &str = "clerk";
@@ -63,6 +63,7 @@ struct EmailAddress<'a> {
 #[derive(Deserialize)]
 struct Verification<'a> {
     status: Option<&'a str>,
+    strategy: Option<&'a str>,
 }
 
 /// `SessionJSON`, the fields authsync reads.
@@ -141,8 +142,29 @@ pub(super) fn decode(
         });
         if let Some(primary) = primary {
             login.email = owned(primary.email_address);
-            login.email_verified =
-                Some(primary.verification.as_ref().and_then(|v| v.status) == Some("verified"));
+            let verification = primary.verification.as_ref();
+            login.email_verified = Some(verification.and_then(|v| v.status) == Some("verified"));
+            // How Clerk verified the address is the trust question: its own code or link,
+            // a social provider, or a SAML / enterprise IdP (which Clerk trusts by default).
+            login.connection = verification.and_then(|v| v.strategy).map(|strategy| {
+                let kind = match strategy {
+                    "email_code" | "email_link" | "phone_code" | "ticket" | "admin" => {
+                        Some(ConnectionKind::Database)
+                    }
+                    s if s.starts_with("from_oauth_") || s.starts_with("oauth_") => {
+                        Some(ConnectionKind::Social)
+                    }
+                    s if s.contains("saml") || s.contains("enterprise") => {
+                        Some(ConnectionKind::Enterprise)
+                    }
+                    _ => None,
+                };
+                Connection {
+                    connection_id: Some(strategy.to_string()),
+                    kind,
+                    groups: None,
+                }
+            });
         }
         login.given_name = owned(user.first_name);
         login.family_name = owned(user.last_name);

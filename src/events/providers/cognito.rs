@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{attributes, derived_id, invalid, missing, owned, parse, require, Delivery, Provider};
-use crate::events::login::LoginKind;
+use crate::events::login::{Connection, ConnectionKind, LoginKind};
 use crate::events::{DecodeError, LoginEvent};
 
 const PROVIDER: &str = "cognito";
@@ -90,8 +90,40 @@ pub(super) fn decode(
     login.photo_url = owned(attr("picture"));
     login.locale = owned(attr("locale"));
     login.audience = owned(t.caller_context.as_ref().and_then(|c| c.client_id));
+    login.connection = cognito_connection(attr("cognito:user_status"), attr("identities"));
     login.attributes = attributes(&[("cognito.user_pool_id", pool)]);
     login.validated().map(|l| vec![l])
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FederatedIdentity<'a> {
+    provider_name: Option<&'a str>,
+    provider_type: Option<&'a str>,
+}
+
+/// A federated user (`EXTERNAL_PROVIDER`, or an `identities` attribute): its
+/// `email_verified` is whatever attribute the pool's admin mapped, so the upstream kind
+/// decides trust: SAML / OIDC are enterprise, the built-in social providers social.
+fn cognito_connection(status: Option<&str>, identities: Option<&str>) -> Option<Connection> {
+    let first = identities
+        .and_then(|json| serde_json::from_str::<Vec<FederatedIdentity<'_>>>(json).ok())
+        .and_then(|list| list.into_iter().next());
+    if status != Some("EXTERNAL_PROVIDER") && identities.is_none() {
+        return None;
+    }
+    let kind = first.as_ref().and_then(|i| match i.provider_type {
+        Some("SAML") | Some("OIDC") => Some(ConnectionKind::Enterprise),
+        Some("Google") | Some("Facebook") | Some("LoginWithAmazon") | Some("SignInWithApple") => {
+            Some(ConnectionKind::Social)
+        }
+        _ => None,
+    });
+    Some(Connection {
+        connection_id: first.and_then(|i| i.provider_name).map(str::to_string),
+        kind,
+        groups: None,
+    })
 }
 
 #[cfg(test)]

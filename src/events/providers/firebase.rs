@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{attributes, invalid, missing, owned, parse, require, Delivery};
-use crate::events::login::LoginKind;
+use crate::events::login::{Connection, ConnectionKind, LoginKind};
 use crate::events::{DecodeError, LoginEvent};
 
 const PROVIDER: &str = "firebase";
@@ -109,6 +109,28 @@ pub(super) fn decode(
         .as_ref()
         .and_then(|i| i.provider_id)
         .or(e.credential.as_ref().and_then(|c| c.sign_in_method));
+    // `saml.*` / `oidc.*` providers are the customer's enterprise IdPs.
+    login.connection = sign_in_provider.map(|p| Connection {
+        connection_id: Some(p.to_string()),
+        kind: match p {
+            "password" => Some(ConnectionKind::Database),
+            "phone" | "emailLink" => Some(ConnectionKind::Passwordless),
+            p if p.starts_with("saml.") || p.starts_with("oidc.") => {
+                Some(ConnectionKind::Enterprise)
+            }
+            "google.com"
+            | "facebook.com"
+            | "github.com"
+            | "twitter.com"
+            | "apple.com"
+            | "microsoft.com"
+            | "yahoo.com"
+            | "playgames.google.com"
+            | "gc.apple.com" => Some(ConnectionKind::Social),
+            _ => None,
+        },
+        groups: None,
+    });
     login.attributes = attributes(&[
         ("firebase.tenant_id", user.tenant_id),
         ("firebase.sign_in_provider", sign_in_provider),

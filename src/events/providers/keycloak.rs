@@ -75,9 +75,12 @@ pub(super) fn decode(
     login.family_name = owned(detail("updated_last_name").or(detail("last_name")));
     login.audience = owned(e.client_id);
     let broker = detail("identity_provider");
+    // A brokered login: the alias names the upstream IdP, whose kind Keycloak does not
+    // say (operators declare it in `[[identity.connections]]`).
     login.connection = broker.map(|alias| Connection {
         connection_id: Some(alias.to_string()),
-        groups: Vec::new(),
+        kind: None,
+        groups: None,
     });
     login.attributes = attributes(&[
         ("keycloak.realm_id", e.realm_id),

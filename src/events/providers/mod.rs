@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::login::ConnectionKind;
 use super::{login::LOGIN_EVENT_TYPE, DecodeError, ErrorClass, LoginEvent};
 
 /// What an adapter sees of a Kafka message.
@@ -86,6 +87,26 @@ fn unknown_or(e: DecodeError) -> DecodeError {
             e.reason
         ),
     )
+}
+
+/// The kind of an Auth0 connection strategy (post-login `connection.strategy`, log
+/// `strategy`), as Auth0 documents them. Unknown strategies (custom OAuth2, new enterprise
+/// types) stay unknown: trust treats them as enterprise.
+pub(super) fn auth0_strategy_kind(strategy: &str) -> Option<ConnectionKind> {
+    match strategy {
+        "auth0" => Some(ConnectionKind::Database),
+        "email" | "sms" => Some(ConnectionKind::Passwordless),
+        "samlp" | "adfs" | "waad" | "ad" | "auth0-adldap" | "oidc" | "okta" | "pingfederate"
+        | "google-apps" | "office365" | "ip" | "sharepoint" | "custom" => {
+            Some(ConnectionKind::Enterprise)
+        }
+        "google-oauth2" | "github" | "facebook" | "apple" | "windowslive" | "linkedin"
+        | "twitter" | "amazon" | "bitbucket" | "dropbox" | "paypal" | "salesforce" | "yahoo"
+        | "box" | "discord" | "gitlab" | "slack" | "spotify" | "twitch" | "microsoft" => {
+            Some(ConnectionKind::Social)
+        }
+        _ => None,
+    }
 }
 
 /// The header that forces an adapter: `authsync-provider: okta`.

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{attributes, full_name, missing, owned, parse, require, rfc3339, Delivery};
-use crate::events::login::{Connection, LoginKind};
+use crate::events::login::{Connection, ConnectionKind, LoginKind};
 use crate::events::{DecodeError, LoginEvent};
 
 const PROVIDER: &str = "workos";
@@ -84,10 +84,28 @@ pub(super) fn decode(
         login.email = owned(auth.email);
         login.user_agent = owned(auth.user_agent);
         let sso = auth.sso.as_ref();
-        login.connection = sso.and_then(|s| s.connection_id).map(|id| Connection {
-            connection_id: Some(id.to_string()),
-            groups: Vec::new(),
-        });
+        // The method is in the event name: `authentication.<method>_succeeded`.
+        let method = name
+            .strip_prefix("authentication.")
+            .and_then(|rest| rest.strip_suffix("_succeeded"));
+        login.connection = match method {
+            Some("sso") => Some(Connection {
+                connection_id: sso.and_then(|s| s.connection_id).map(str::to_string),
+                kind: Some(ConnectionKind::Enterprise),
+                groups: None,
+            }),
+            Some("oauth") => Some(Connection {
+                connection_id: Some("oauth".into()),
+                kind: Some(ConnectionKind::Social),
+                groups: None,
+            }),
+            Some("magic_auth") => Some(Connection {
+                connection_id: Some("magic_auth".into()),
+                kind: Some(ConnectionKind::Passwordless),
+                groups: None,
+            }),
+            _ => None,
+        };
         login.attributes = attributes(&[(
             "workos.organization_id",
             sso.and_then(|s| s.organization_id),

@@ -1,0 +1,29 @@
+-- Identity trust (issue #18): link trust per connection, verification per identity and
+-- address, clocks per field, role provenance.
+
+-- The kind of the connection an identity signs in through (database, social, enterprise,
+-- passwordless; NULL = not reported). With `connection_id` it decides whether the
+-- identity's verified address may link accounts.
+ALTER TABLE external_identities
+    ADD COLUMN connection_kind text,
+    -- Per claim (email, groups, connection, connectionGroups, audience): the time of the
+    -- newest event that set it. An event only moves the claims it carries.
+    ADD COLUMN claim_clocks jsonb NOT NULL DEFAULT '{}';
+
+-- Link targets are the identities that currently assert an address verified.
+CREATE INDEX external_identities_verified_email_idx
+    ON external_identities (email) WHERE email_verified;
+
+-- The identity that owns the primary address: only it changes `users.email`.
+-- Per profile field, the time of the newest event that set it. Existing users get one
+-- legacy clock (`*`) for every field: the old single profile clock.
+ALTER TABLE users
+    ADD COLUMN email_provider text,
+    ADD COLUMN email_subject text,
+    ADD COLUMN field_clocks jsonb NOT NULL DEFAULT '{}';
+UPDATE users SET field_clocks = jsonb_build_object('*', profile_event_at);
+
+-- Who granted a role: `role_set:<name>` (a rule set; a `force` set revokes only its own),
+-- `merge:<merge id>` or NULL (by hand, or before provenance was recorded: never revoked
+-- by a rule set).
+ALTER TABLE user_roles ADD COLUMN granted_by text;
