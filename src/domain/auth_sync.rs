@@ -80,33 +80,34 @@ pub fn apply_identity_claims(claims: &mut IdentityClaims, event: &LoginEvent) ->
         }
     }
     if let Some(groups) = &event.groups {
-        if claim(&mut claims.clocks, "groups", &mut c) && claims.groups != *groups {
+        let same = claims.groups == *groups;
+        if claim(&mut claims.clocks, "groups", &mut c) && !same {
             claims.groups = groups.clone();
             c.groups_changed = true;
         }
     }
     if let Some(conn) = &event.connection {
+        let same =
+            claims.connection_id == conn.connection_id && claims.connection_kind == conn.kind;
         if (conn.connection_id.is_some() || conn.kind.is_some())
             && claim(&mut claims.clocks, "connection", &mut c)
-            && (claims.connection_id != conn.connection_id || claims.connection_kind != conn.kind)
+            && !same
         {
             claims.connection_id = conn.connection_id.clone();
             claims.connection_kind = conn.kind;
             c.changed = true;
         }
         if let Some(groups) = &conn.groups {
-            if claim(&mut claims.clocks, "connectionGroups", &mut c)
-                && claims.connection_groups != *groups
-            {
+            let same = claims.connection_groups == *groups;
+            if claim(&mut claims.clocks, "connectionGroups", &mut c) && !same {
                 claims.connection_groups = groups.clone();
                 c.changed = true;
             }
         }
     }
     if let Some(audience) = &event.audience {
-        if claim(&mut claims.clocks, "audience", &mut c)
-            && claims.audience.as_deref() != Some(audience.as_str())
-        {
+        let same = claims.audience.as_deref() == Some(audience.as_str());
+        if claim(&mut claims.clocks, "audience", &mut c) && !same {
             claims.audience = Some(audience.clone());
             c.changed = true;
         }
@@ -370,9 +371,9 @@ pub fn decide<'e>(
                         user_providers: Vec::new(),
                     });
             }
-        } else if change.email_changed {
-            // A known identity now asserts another address (or flag): keep the targets the
-            // batch still decides on current.
+        } else if change.changed {
+            // A known identity now asserts another address, flag or connection: keep the
+            // targets the batch still decides on current.
             for list in targets.values_mut() {
                 list.retain(|t| !(t.user_id == user_id && t.provider == key.0));
             }
@@ -458,6 +459,7 @@ pub fn decide<'e>(
                     &state.roles,
                     Claims {
                         provider: &key.0,
+                        subject: &key.1,
                         connection: ConnectionRef::stored(
                             c.connection_id.as_deref(),
                             c.connection_kind,
@@ -472,8 +474,6 @@ pub fn decide<'e>(
                         },
                     },
                     first.is_some(),
-                    // A stale event may take roles away, never give them.
-                    !change.stale,
                 );
                 if roles != state.roles {
                     let before = std::mem::replace(&mut state.roles, roles);
@@ -564,5 +564,234 @@ fn mark_changed(user: &mut UserRecord, outcome: &mut LoginOutcome, now: DateTime
         outcome.changed = true;
         user.version += 1;
         user.modified_at = now;
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Property tests of [`decide`]: linking never joins two users unless a trusted source
+    //! verified the address, and deciding the same batch again on the state it left
+    //! changes nothing.
+
+    use super::*;
+    use crate::config::{ConnectionConfig, IdentityConfig, RoleRuleConfig, RoleSetConfig};
+    use crate::events::login::Connection;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    const PROVIDERS: [&str; 4] = ["google", "github", "auth0", "okta"];
+    const ADDRESSES: [&str; 3] = ["a@x.test", "b@x.test", "\u{212a}im@x.test"];
+
+    fn policy() -> IdentityPolicy {
+        IdentityPolicy::compile(&IdentityConfig {
+            untrusted_link_providers: vec!["okta".into()],
+            connections: vec![ConnectionConfig {
+                provider: "auth0".into(),
+                connection: "con_listed".into(),
+                link: Some(true),
+                ..ConnectionConfig::default()
+            }],
+            role_sets: vec![RoleSetConfig {
+                name: "idp".into(),
+                mode: "force".into(),
+                providers: Vec::new(),
+                connections: Vec::new(),
+                allow_global: false,
+                rules: vec![RoleRuleConfig {
+                    name: None,
+                    claim: "groups".into(),
+                    match_kind: "equals".into(),
+                    value: "admins".into(),
+                    role: "admin".into(),
+                    organization: None,
+                }],
+            }],
+            ..IdentityConfig::default()
+        })
+        .expect("policy compiles")
+    }
+
+    fn connection() -> impl Strategy<Value = Option<Connection>> {
+        prop_oneof![
+            Just(None),
+            (
+                prop_oneof![Just("con_db"), Just("con_saml"), Just("con_listed")],
+                prop_oneof![
+                    Just(None),
+                    Just(Some(ConnectionKind::Database)),
+                    Just(Some(ConnectionKind::Social)),
+                    Just(Some(ConnectionKind::Enterprise)),
+                ],
+            )
+                .prop_map(|(id, kind)| Some(Connection {
+                    connection_id: Some(id.to_string()),
+                    kind,
+                    groups: None,
+                })),
+        ]
+    }
+
+    fn login() -> impl Strategy<Value = LoginEvent> {
+        (
+            0..PROVIDERS.len(),
+            0..4u8,
+            proptest::option::of(0..ADDRESSES.len()),
+            proptest::option::of(any::<bool>()),
+            connection(),
+            0..48u32,
+            proptest::option::of(any::<bool>()),
+        )
+            .prop_map(|(p, s, email, verified, connection, hour, admin)| {
+                let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+                    + chrono::Duration::hours(i64::from(hour));
+                let mut e = LoginEvent::new("e", "t", at, PROVIDERS[p], format!("s{s}"));
+                e.email = email.map(|i| ADDRESSES[i].to_string());
+                e.email_verified = verified;
+                e.connection = connection;
+                e.groups = admin.map(|a| if a { vec!["admins".into()] } else { Vec::new() });
+                e.display_name = Some(format!("n{hour}"));
+                e
+            })
+    }
+
+    /// Is the identity trusted through the connection it has stored (an identity's
+    /// connection is its newest event's, which may be newer than its address claim)?
+    fn stored_trusted(p: &IdentityPolicy, plan: &Plan<'_>, provider: &str, subject: &str) -> bool {
+        plan.new_identities
+            .iter()
+            .chain(&plan.identities)
+            .filter(|w| w.provider == provider && w.subject == subject)
+            .any(|w| {
+                let c = &w.claims;
+                p.link_trust(
+                    provider,
+                    ConnectionRef::stored(c.connection_id.as_deref(), c.connection_kind),
+                )
+                .is_ok()
+            })
+    }
+
+    type Profile = (
+        Option<String>,
+        bool,
+        Option<(String, String)>,
+        Clocks,
+        Option<String>,
+    );
+
+    /// What a repeat must not change in users (bookkeeping and version may move).
+    fn profile(l: &Loaded) -> BTreeMap<Uuid, Profile> {
+        l.users
+            .iter()
+            .map(|(id, u)| {
+                (
+                    *id,
+                    (
+                        u.email.clone(),
+                        u.email_verified,
+                        u.email_owner.clone(),
+                        u.clocks.clone(),
+                        u.auth_display_name.clone(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn claims_of(l: &Loaded) -> BTreeMap<IdentityKey, (Uuid, IdentityClaims)> {
+        l.identities
+            .iter()
+            .map(|k| (k.key.clone(), (k.user_id, k.claims.clone())))
+            .collect()
+    }
+
+    /// The state a plan leaves, as the store would load it again.
+    fn reload(before: &Loaded, plan: &Plan<'_>) -> Loaded {
+        let mut users = before.users.clone();
+        for s in &plan.signups {
+            users.insert(s.user.id, s.user.clone());
+        }
+        for u in &plan.users {
+            users.insert(u.id, u.clone());
+        }
+        let mut identities: HashMap<IdentityKey, KnownIdentity> = before
+            .identities
+            .iter()
+            .map(|k| (k.key.clone(), k.clone()))
+            .collect();
+        for w in plan.new_identities.iter().chain(&plan.identities) {
+            let key = (w.provider.clone(), w.subject.clone());
+            let merged_from = identities.get(&key).and_then(|k| k.merged_from);
+            identities.insert(
+                key.clone(),
+                KnownIdentity {
+                    key,
+                    user_id: w.user_id,
+                    claims: w.claims.clone(),
+                    merged_from,
+                    last_login_at: w.last_login_at,
+                },
+            );
+        }
+        let mut claims = before.claims.clone().unwrap_or_default();
+        for (user, _, after) in &plan.claims {
+            claims.insert(*user, after.clone());
+        }
+        Loaded {
+            identities: identities.into_values().collect(),
+            users,
+            targets: HashMap::new(),
+            claims: Some(claims),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn linking_needs_a_trusted_verified_source_and_a_repeat_changes_nothing(
+            logins in proptest::collection::vec(login(), 1..12)
+        ) {
+            let p = policy();
+            let now = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
+            let refs: Vec<&LoginEvent> = logins.iter().collect();
+            let loaded = Loaded { claims: Some(HashMap::new()), ..Loaded::default() };
+            let plan = decide(loaded.clone(), &refs, &p, &ProvisioningConfig::default(), now)
+                .expect("decides");
+            // Every identity that joined an existing user: the login itself was trusted and
+            // verified, and another identity of that user vouches for the address.
+            for (i, a) in plan.applied.iter().enumerate() {
+                if !matches!(a.linking, Some(Linking::Linked { .. })) {
+                    continue;
+                }
+                let e = a.event;
+                prop_assert_eq!(e.email_verified, Some(true));
+                prop_assert!(p.link_trust(&e.provider, ConnectionRef::of_event(e)).is_ok());
+                let address = e.email.as_deref().expect("linked on an address");
+                prop_assert!(address.is_ascii());
+                // An earlier login of another identity of that user asserted it verified,
+                // through a trusted connection (the batch starts from an empty database).
+                let vouched = plan.applied[..i].iter().any(|b| {
+                    let f = b.event;
+                    b.user.id == a.user.id
+                        && (f.provider != e.provider || f.subject != e.subject)
+                        && f.email.as_deref() == Some(address)
+                        && f.email_verified == Some(true)
+                        && (p.link_trust(&f.provider, ConnectionRef::of_event(f)).is_ok()
+                            || stored_trusted(&p, &plan, &f.provider, &f.subject))
+                });
+                prop_assert!(vouched, "login {} linked without a trusted verified holder", i);
+            }
+            // The same batch again, on the state it left: nothing new, and it leaves the
+            // same state (ties within the batch go to the later event both times).
+            let again = reload(&loaded, &plan);
+            let second = decide(again.clone(), &refs, &p, &ProvisioningConfig::default(), now)
+                .expect("decides");
+            prop_assert!(second.signups.is_empty());
+            prop_assert!(second.new_identities.is_empty());
+            prop_assert!(second.applied.iter().all(|a| a.linking.is_none()));
+            let after = reload(&again, &second);
+            prop_assert_eq!(profile(&again), profile(&after));
+            prop_assert_eq!(claims_of(&again), claims_of(&after));
+            prop_assert_eq!(&again.claims, &after.claims);
+        }
     }
 }

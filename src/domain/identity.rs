@@ -1,7 +1,7 @@
 //! Identity depth, pure: link trust per connection, whether a new identity may be linked
 //! to an existing user, group → role mapping with provenance, attribute sync, custom UPNs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use regex::Regex;
 use uuid::Uuid;
@@ -14,9 +14,11 @@ use crate::events::LoginEvent;
 /// A role grant: the role and its organization (`Uuid::nil()` = global).
 pub type Grant = (String, Uuid);
 
-/// A user's roles with who granted each: `role_set:<name>`, `merge:<id>`, or `None` (by
-/// hand, or before provenance was recorded).
-pub type Roles = BTreeMap<Grant, Option<String>>;
+/// A user's roles, each with who holds it: `role_set:<set>:<provider>:<subject>` (a rule
+/// set, through that identity's claims) or `""` (by hand, or before provenance was
+/// recorded). A role is held while any grantor holds it; a `force` set revokes only its own
+/// grant through the same identity.
+pub type Roles = BTreeMap<Grant, BTreeSet<String>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
@@ -71,7 +73,7 @@ struct RoleRule {
 #[derive(Clone, Debug)]
 struct RoleSet {
     mode: SyncMode,
-    /// `role_set:<name>`: the provenance of its grants.
+    /// `role_set:<name>`: the provenance of its grants (plus `:<provider>:<subject>`).
     granted_by: String,
     /// Empty: every provider.
     providers: HashSet<String>,
@@ -108,6 +110,7 @@ impl<'a> ConnectionRef<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Claims<'a> {
     pub provider: &'a str,
+    pub subject: &'a str,
     pub connection: Option<ConnectionRef<'a>>,
     pub groups: &'a [String],
     pub connection_groups: &'a [String],
@@ -420,16 +423,17 @@ impl IdentityPolicy {
     }
 
     /// The user's roles after a login: `current` with every set's grants added and, for
-    /// `force` sets, the roles *that set granted* whose rule no longer matches an asserted
-    /// claim removed. Roles granted by hand, by a merge or by another set are never touched.
-    /// `grants_allowed = false` (a stale event): revocations only.
+    /// `force` sets, the roles *that set granted through this identity* whose rule no longer
+    /// matches an asserted claim removed (so two identities of one user never take turns
+    /// granting and revoking the same role). Roles granted by hand, by a merge or by another set are never touched.
+    /// `claims` are the identity's stored claims (each the newest its IdP asserted), so an
+    /// event older than some of them still applies what they say, revocations included.
     pub fn reconcile_roles(
         &self,
         user_id: Uuid,
         current: &Roles,
         claims: Claims<'_>,
         first_login: bool,
-        grants_allowed: bool,
     ) -> Roles {
         let mut revoke: Vec<(Grant, &str)> = Vec::new();
         let mut grant: Vec<(Grant, &str)> = Vec::new();
@@ -441,7 +445,12 @@ impl IdentityPolicy {
             .connection
             .and_then(|c| c.id)
             .map(|id| (claims.provider.to_string(), id.to_string()));
-        for set in &self.role_sets {
+        let provenance: Vec<String> = self
+            .role_sets
+            .iter()
+            .map(|set| format!("{}:{}:{}", set.granted_by, claims.provider, claims.subject))
+            .collect();
+        for (set, by) in self.role_sets.iter().zip(&provenance) {
             if set.mode == SyncMode::Import && !first_login {
                 continue;
             }
@@ -455,7 +464,29 @@ impl IdentityPolicy {
             {
                 continue;
             }
+            // What this set grants through this identity now; a `force` set then takes
+            // back every grant of its own that is not wanted any more, unless a rule that
+            // could grant that role reads a claim the identity never asserted.
+            let mut wanted: Vec<Grant> = Vec::new();
+            let mut unasserted: HashSet<&str> = HashSet::new();
             for rule in &set.rules {
+                if !claims.asserted.covers(&rule.claim) {
+                    unasserted.insert(rule.role.as_str());
+                }
+                let matched = match &rule.claim {
+                    ClaimSource::Groups => claims.groups.iter().any(|v| rule.matcher.matches(v)),
+                    ClaimSource::ConnectionGroups => claims
+                        .connection_groups
+                        .iter()
+                        .any(|v| rule.matcher.matches(v)),
+                    ClaimSource::Attribute(key) => claims
+                        .attributes
+                        .get(key)
+                        .is_some_and(|v| rule.matcher.matches(v)),
+                };
+                if !matched {
+                    continue;
+                }
                 let org = match rule.scope {
                     Scope::Global => Uuid::nil(),
                     Scope::Personal => ids::derived(user_id, "organization"),
@@ -471,37 +502,31 @@ impl IdentityPolicy {
                 } else {
                     org
                 };
-                let g = (rule.role.clone(), org);
-                let matched = match &rule.claim {
-                    ClaimSource::Groups => claims.groups.iter().any(|v| rule.matcher.matches(v)),
-                    ClaimSource::ConnectionGroups => claims
-                        .connection_groups
-                        .iter()
-                        .any(|v| rule.matcher.matches(v)),
-                    ClaimSource::Attribute(key) => claims
-                        .attributes
-                        .get(key)
-                        .is_some_and(|v| rule.matcher.matches(v)),
-                };
-                if matched {
-                    grant.push((g, &set.granted_by));
-                } else if set.mode == SyncMode::Force && claims.asserted.covers(&rule.claim) {
-                    revoke.push((g, &set.granted_by));
+                wanted.push((rule.role.clone(), org));
+            }
+            if set.mode == SyncMode::Force {
+                for (g, grantors) in current {
+                    if grantors.contains(by)
+                        && !wanted.contains(g)
+                        && !unasserted.contains(g.0.as_str())
+                    {
+                        revoke.push((g.clone(), by.as_str()));
+                    }
+                }
+            }
+            grant.extend(wanted.into_iter().map(|g| (g, by.as_str())));
+        }
+        let mut roles = current.clone();
+        for (g, by) in &revoke {
+            if let Some(grantors) = roles.get_mut(g) {
+                grantors.remove(*by);
+                if grantors.is_empty() {
+                    roles.remove(g);
                 }
             }
         }
-        let granted: HashSet<&Grant> = grant.iter().map(|(g, _)| g).collect();
-        let mut roles = current.clone();
-        for (g, by) in &revoke {
-            // A grant by any rule beats a revocation by another; a set revokes only its own.
-            if !granted.contains(g) && roles.get(g).is_some_and(|p| p.as_deref() == Some(*by)) {
-                roles.remove(g);
-            }
-        }
-        if grants_allowed {
-            for (g, by) in grant {
-                roles.entry(g).or_insert_with(|| Some(by.to_string()));
-            }
+        for (g, by) in grant {
+            roles.entry(g).or_default().insert(by.to_string());
         }
         roles
     }
@@ -696,7 +721,12 @@ mod tests {
     fn roles(names: &[(&str, Option<&str>)]) -> Roles {
         names
             .iter()
-            .map(|(r, by)| ((r.to_string(), Uuid::nil()), by.map(str::to_string)))
+            .map(|(r, by)| {
+                (
+                    (r.to_string(), Uuid::nil()),
+                    [by.unwrap_or_default().to_string()].into(),
+                )
+            })
             .collect()
     }
 
@@ -709,6 +739,7 @@ mod tests {
     fn claims<'a>(groups: &'a [String], attrs: &'a BTreeMap<String, String>) -> Claims<'a> {
         Claims {
             provider: "p",
+            subject: "s",
             connection: None,
             groups,
             connection_groups: &[],
@@ -729,13 +760,12 @@ mod tests {
         let attrs = BTreeMap::new();
         let user = Uuid::new_v4();
         let groups = vec!["eng-backend".to_string()];
-        let own = Some("role_set:force");
+        let own = Some("role_set:force:p:s");
         let after = p.reconcile_roles(
             user,
             &roles(&[("admin", own), ("hand-granted", None)]),
             claims(&groups, &attrs),
             false,
-            true,
         );
         assert_eq!(
             after,
@@ -749,7 +779,6 @@ mod tests {
                 &roles(&[("admin", by)]),
                 claims(&groups, &attrs),
                 false,
-                true,
             );
             assert!(
                 kept.contains_key(&("admin".to_string(), Uuid::nil())),
@@ -762,31 +791,9 @@ mod tests {
             ..claims(&[], &attrs)
         };
         assert_eq!(
-            p.reconcile_roles(user, &roles(&[("admin", own)]), silent, false, true),
+            p.reconcile_roles(user, &roles(&[("admin", own)]), silent, false),
             roles(&[("admin", own)])
         );
-    }
-
-    #[test]
-    fn a_stale_event_revokes_but_never_grants() {
-        let p = policy(vec![(
-            "force",
-            vec![
-                rule("groups", "equals", "admins", "admin"),
-                rule("groups", "equals", "eng", "engineer"),
-            ],
-        )]);
-        let attrs = BTreeMap::new();
-        let own = Some("role_set:force");
-        let groups = vec!["eng".to_string()];
-        let after = p.reconcile_roles(
-            Uuid::new_v4(),
-            &roles(&[("admin", own)]),
-            claims(&groups, &attrs),
-            false,
-            false,
-        );
-        assert_eq!(after, Roles::new(), "admin revoked, engineer not granted");
     }
 
     #[test]
@@ -809,13 +816,13 @@ mod tests {
         let p = IdentityPolicy::compile(&config).unwrap();
         let attrs = BTreeMap::new();
         let user = Uuid::new_v4();
-        let own = Some("role_set:okta");
+        let own = Some("role_set:okta:okta:s");
         let other = Claims {
             provider: "github",
             ..claims(&[], &attrs)
         };
         assert_eq!(
-            p.reconcile_roles(user, &roles(&[("admin", own)]), other, false, true),
+            p.reconcile_roles(user, &roles(&[("admin", own)]), other, false),
             roles(&[("admin", own)]),
             "another provider's login does not touch the okta set"
         );
@@ -824,7 +831,7 @@ mod tests {
             ..claims(&[], &attrs)
         };
         assert_eq!(
-            p.reconcile_roles(user, &roles(&[("admin", own)]), okta_login, false, true),
+            p.reconcile_roles(user, &roles(&[("admin", own)]), okta_login, false),
             Roles::new()
         );
         let staff = vec!["staff".to_string()];
@@ -837,7 +844,7 @@ mod tests {
             ..claims(&staff, &attrs)
         };
         assert!(p
-            .reconcile_roles(user, &Roles::new(), elsewhere, false, true)
+            .reconcile_roles(user, &Roles::new(), elsewhere, false)
             .is_empty());
         let through = Claims {
             connection: Some(ConnectionRef {
@@ -847,8 +854,8 @@ mod tests {
             ..elsewhere
         };
         assert_eq!(
-            p.reconcile_roles(user, &Roles::new(), through, false, true),
-            roles(&[("staff", Some("role_set:corp"))])
+            p.reconcile_roles(user, &Roles::new(), through, false),
+            roles(&[("staff", Some("role_set:corp:auth0:s"))])
         );
     }
 
@@ -875,6 +882,7 @@ mod tests {
         let user = Uuid::new_v4();
         let through = |id: &'static str| Claims {
             provider: "auth0",
+            subject: "s",
             connection: Some(ConnectionRef {
                 id: Some(id),
                 kind: Some(ConnectionKind::Enterprise),
@@ -884,15 +892,18 @@ mod tests {
             attributes: &attrs,
             asserted: ALL,
         };
-        let acme = p.reconcile_roles(user, &Roles::new(), through("con_acme"), false, true);
-        let expected: Roles =
-            [(("admin".to_string(), org), Some("role_set:idp".to_string()))].into();
+        let acme = p.reconcile_roles(user, &Roles::new(), through("con_acme"), false);
+        let expected: Roles = [(
+            ("admin".to_string(), org),
+            ["role_set:idp:auth0:s".to_string()].into(),
+        )]
+        .into();
         assert_eq!(
             acme, expected,
             "scoped to the connection's organization, never global"
         );
         assert!(
-            p.reconcile_roles(user, &Roles::new(), through("con_unknown"), false, true)
+            p.reconcile_roles(user, &Roles::new(), through("con_unknown"), false)
                 .is_empty(),
             "a connection with no organization grants nothing"
         );
@@ -906,13 +917,10 @@ mod tests {
         };
         let global: Roles = [(
             ("admin".to_string(), Uuid::nil()),
-            Some("role_set:idp".to_string()),
+            ["role_set:idp:auth0:s".to_string()].into(),
         )]
         .into();
-        assert_eq!(
-            p.reconcile_roles(user, &Roles::new(), own, false, true),
-            global
-        );
+        assert_eq!(p.reconcile_roles(user, &Roles::new(), own, false), global);
     }
 
     #[test]
@@ -928,18 +936,18 @@ mod tests {
         let groups = vec!["staff".to_string()];
         let mut attrs = BTreeMap::new();
         attrs.insert("dept".to_string(), "sales".to_string());
-        let first = p.reconcile_roles(user, &Roles::new(), claims(&groups, &attrs), true, true);
+        let first = p.reconcile_roles(user, &Roles::new(), claims(&groups, &attrs), true);
         assert_eq!(
             first,
             roles(&[
-                ("crm", Some("role_set:additive")),
-                ("staff", Some("role_set:import"))
+                ("crm", Some("role_set:additive:p:s")),
+                ("staff", Some("role_set:import:p:s"))
             ])
         );
-        let later = p.reconcile_roles(user, &Roles::new(), claims(&groups, &attrs), false, true);
-        assert_eq!(later, roles(&[("crm", Some("role_set:additive"))]));
+        let later = p.reconcile_roles(user, &Roles::new(), claims(&groups, &attrs), false);
+        assert_eq!(later, roles(&[("crm", Some("role_set:additive:p:s"))]));
         attrs.insert("dept".to_string(), "salesforce".to_string());
-        let kept = p.reconcile_roles(user, &first, claims(&[], &attrs), false, true);
+        let kept = p.reconcile_roles(user, &first, claims(&[], &attrs), false);
         assert_eq!(kept, first, "additive and import never revoke");
     }
 
@@ -951,10 +959,10 @@ mod tests {
         let user = Uuid::new_v4();
         let attrs = BTreeMap::new();
         let g = vec!["g".to_string()];
-        let after = p.reconcile_roles(user, &Roles::new(), claims(&g, &attrs), false, true);
+        let after = p.reconcile_roles(user, &Roles::new(), claims(&g, &attrs), false);
         let expected: Roles = [(
             ("owner".to_string(), ids::derived(user, "organization")),
-            Some("role_set:additive".to_string()),
+            ["role_set:additive:p:s".to_string()].into(),
         )]
         .into();
         assert_eq!(after, expected);

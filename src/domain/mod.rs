@@ -47,7 +47,8 @@ pub type Clocks = BTreeMap<String, DateTime<Utc>>;
 
 const LEGACY_CLOCK: &str = "*";
 
-/// May an event at `at` set `field`? Not when a newer event already set it.
+/// May an event at `at` set `field`? Only when no event newer than it set the field. An
+/// event of the same time may (the later offset wins, as a replay re-derives state).
 pub fn is_fresh(clocks: &Clocks, field: &str, at: DateTime<Utc>) -> bool {
     clocks
         .get(field)

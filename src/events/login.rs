@@ -588,6 +588,60 @@ mod tests {
     }
 
     #[test]
+    fn emails_fold_ascii_only_and_domains_go_through_idna() {
+        let email = |raw: &str| {
+            decode(&format!(
+                r#"{{"provider":"p","subject":"s","email":{}}}"#,
+                serde_json::to_string(raw).unwrap()
+            ))
+            .map(|e| e.email.unwrap())
+        };
+        assert_eq!(email(" Kim@Example.COM ").unwrap(), "kim@example.com");
+        // KELVIN SIGN is not `K`: no Unicode case folding (CVE-2019-19844 class).
+        let kelvin = email("\u{212A}im@example.com").unwrap();
+        assert_eq!(kelvin, "\u{212A}im@example.com");
+        assert!(!is_linkable_email(&kelvin));
+        assert_eq!(
+            email("Ada@B\u{fc}cher.Example").unwrap(),
+            "ada@xn--bcher-kva.example"
+        );
+        for bad in [
+            "a@b@c",
+            "@x.io",
+            "a@",
+            "a b@x.io",
+            "a@x\u{0}.io",
+            "a@-\u{fffd}-.io",
+        ] {
+            let err = email(bad).unwrap_err();
+            assert_eq!(err.class, ErrorClass::InvalidField, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn provider_names_are_lower_cased_and_connection_kinds_checked() {
+        let ev = decode(r#"{"provider":" Okta ","subject":"s"}"#).unwrap();
+        assert_eq!(ev.provider, "okta");
+        let ev = decode(
+            r#"{"provider":"auth0","subject":"s","connection":{"connectionId":"con_1","kind":"Enterprise"}}"#,
+        )
+        .unwrap();
+        let c = ev.connection.unwrap();
+        assert_eq!(c.kind, Some(ConnectionKind::Enterprise));
+        assert_eq!(c.groups, None, "no groups given is not no groups");
+        let ev = decode(
+            r#"{"provider":"auth0","subject":"s","connection":{"connectionId":"con_1","groups":[]}}"#,
+        )
+        .unwrap();
+        assert_eq!(ev.connection.unwrap().groups, Some(vec![]));
+        let err =
+            decode(r#"{"provider":"auth0","subject":"s","connection":{"kind":"trusted-please"}}"#)
+                .unwrap_err();
+        assert_eq!(err.class, ErrorClass::InvalidField);
+        assert!(err.reason.contains("connection.kind"), "{}", err.reason);
+    }
+
+    #[test]
     fn missing_identity_is_a_missing_field() {
         let err = decode(r#"{"subject":"s"}"#).unwrap_err();
         assert_eq!(err.class, ErrorClass::MissingField);

@@ -37,7 +37,11 @@ pub async fn load_claims(
         match r.kind.as_str() {
             "role" => {
                 let org = Uuid::parse_str(&r.v).unwrap_or_default();
-                state.roles.insert((r.k, org), r.by);
+                state
+                    .roles
+                    .entry((r.k, org))
+                    .or_default()
+                    .insert(r.by.unwrap_or_default());
             }
             "attribute" => {
                 state.attributes.insert(r.k, r.v);
@@ -58,26 +62,34 @@ pub async fn write_claims(
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     // (user, role, organization, granted_by), column by column for UNNEST.
-    type Grants<'a> = (Vec<Uuid>, Vec<&'a str>, Vec<Uuid>, Vec<Option<&'a str>>);
+    type Grants<'a> = (Vec<Uuid>, Vec<&'a str>, Vec<Uuid>, Vec<&'a str>);
     let mut grant: Grants<'_> = Default::default();
+    let mut revoke_by: Vec<&str> = Vec::new();
     let mut revoke: (Vec<Uuid>, Vec<&str>, Vec<Uuid>) = Default::default();
     let mut set_attr: (Vec<Uuid>, Vec<&str>, Vec<&str>) = Default::default();
     let mut del_attr: (Vec<Uuid>, Vec<&str>) = Default::default();
     let mut set_upn: (Vec<Uuid>, Vec<&str>, Vec<&str>) = Default::default();
     for (user, before, after) in changes {
-        for ((role, org), by) in &after.roles {
-            if !before.roles.contains_key(&(role.clone(), *org)) {
-                grant.0.push(*user);
-                grant.1.push(role);
-                grant.2.push(*org);
-                grant.3.push(by.as_deref());
+        for ((role, org), grantors) in &after.roles {
+            let had = before.roles.get(&(role.clone(), *org));
+            for by in grantors {
+                if !had.is_some_and(|h| h.contains(by)) {
+                    grant.0.push(*user);
+                    grant.1.push(role);
+                    grant.2.push(*org);
+                    grant.3.push(by);
+                }
             }
         }
-        for (role, org) in before.roles.keys() {
-            if !after.roles.contains_key(&(role.clone(), *org)) {
-                revoke.0.push(*user);
-                revoke.1.push(role);
-                revoke.2.push(*org);
+        for ((role, org), grantors) in &before.roles {
+            let has = after.roles.get(&(role.clone(), *org));
+            for by in grantors {
+                if !has.is_some_and(|h| h.contains(by)) {
+                    revoke.0.push(*user);
+                    revoke.1.push(role);
+                    revoke.2.push(*org);
+                    revoke_by.push(by);
+                }
             }
         }
         for (k, v) in &after.attributes {
@@ -110,18 +122,21 @@ pub async fn write_claims(
             &grant.1 as &[&str],
             &grant.2,
             now,
-            &grant.3 as &[Option<&str>],
+            &grant.3 as &[&str],
         )
         .execute(&mut *conn)
         .await?;
     }
     if !revoke.0.is_empty() {
         sqlx::query!(
-            r#"DELETE FROM user_roles ur USING UNNEST($1::uuid[], $2::text[], $3::uuid[]) AS x(u, r, o)
-               WHERE ur.user_id = x.u AND ur.role = x.r AND ur.organization_id = x.o"#,
+            r#"DELETE FROM user_roles ur
+               USING UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[]) AS x(u, r, o, b)
+               WHERE ur.user_id = x.u AND ur.role = x.r AND ur.organization_id = x.o
+                 AND ur.granted_by = x.b"#,
             &revoke.0,
             &revoke.1 as &[&str],
             &revoke.2,
+            &revoke_by as &[&str],
         )
         .execute(&mut *conn)
         .await?;

@@ -569,8 +569,8 @@ pub async fn transfer(
                 a AS (DELETE FROM user_attributes WHERE user_id = $1 RETURNING key, value, updated_at),
                 u AS (DELETE FROM custom_upns WHERE user_id = $1 RETURNING client_key, upn, updated_at),
                 ri AS (INSERT INTO user_roles (user_id, role, organization_id, granted_at, granted_by)
-                       SELECT $2, role, organization_id, granted_at, 'merge:' || $1::uuid::text FROM r
-                       ON CONFLICT DO NOTHING RETURNING role, organization_id),
+                       SELECT $2, role, organization_id, granted_at, granted_by FROM r
+                       ON CONFLICT DO NOTHING RETURNING role, organization_id, granted_by),
                 di AS (INSERT INTO devices (user_id, device_id, user_agent, first_seen_at, last_seen_at)
                        SELECT $2, device_id, user_agent, first_seen_at, last_seen_at FROM d
                        ON CONFLICT DO NOTHING RETURNING device_id),
@@ -582,7 +582,7 @@ pub async fn transfer(
            SELECT 'roles' AS "kind!", jsonb_build_object('role', r.role, 'organizationId', r.organization_id,
                       'grantedAt', r.granted_at, 'grantedBy', r.granted_by) AS "row!",
                   (ri.role IS NOT NULL) AS "moved!"
-             FROM r LEFT JOIN ri USING (role, organization_id)
+             FROM r LEFT JOIN ri USING (role, organization_id, granted_by)
            UNION ALL
            SELECT 'devices', jsonb_build_object('deviceId', d.device_id, 'userAgent', d.user_agent,
                       'firstSeenAt', d.first_seen_at, 'lastSeenAt', d.last_seen_at),

@@ -86,7 +86,9 @@ pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, 
                    'organizationId', NULLIF(r.organization_id, '00000000-0000-0000-0000-000000000000'),
                    'expires', NULL, 'created', r.granted_at)
                  ORDER BY r.role, r.organization_id)::text AS "json!"
-        FROM user_roles r WHERE r.user_id = ANY($1) GROUP BY r.user_id
+        FROM (SELECT user_id, role, organization_id, min(granted_at) AS granted_at
+              FROM user_roles WHERE user_id = ANY($1) GROUP BY 1, 2, 3) r
+        GROUP BY r.user_id
         UNION ALL
         SELECT m.user_id, 'member_of',
                json_agg(json_build_object(

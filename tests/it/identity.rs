@@ -84,7 +84,7 @@ impl Direct {
     }
 
     pub async fn roles(&self, user: Uuid) -> Vec<String> {
-        sqlx::query_scalar("SELECT role FROM user_roles WHERE user_id = $1 ORDER BY role")
+        sqlx::query_scalar("SELECT DISTINCT role FROM user_roles WHERE user_id = $1 ORDER BY role")
             .bind(user)
             .fetch_all(&self.db.pool)
             .await

@@ -374,7 +374,7 @@ async fn a_customer_connection_group_named_admins_grants_no_global_role() {
         let pool = d.db.pool.clone();
         async move {
             sqlx::query_as::<_, (String, Uuid)>(
-                "SELECT role, organization_id FROM user_roles WHERE user_id = $1",
+                "SELECT DISTINCT role, organization_id FROM user_roles WHERE user_id = $1",
             )
             .bind(user)
             .fetch_all(&pool)

@@ -159,8 +159,8 @@ and booleans are valid TOML, and integers never come out in exponent form. Sub-t
 {{- $lines = append $lines "" }}
 {{- $lines = append $lines (printf "[%s]" (include "authsync.tomlKey" $section)) }}
 {{- range $key, $value := $fields }}
-{{- if and (eq $section "identity") (eq $key "role_sets") }}
-{{- /* an array of tables: rendered at the end */}}
+{{- if and (eq $section "identity") (or (eq $key "role_sets") (eq $key "connections")) }}
+{{- /* arrays of tables: rendered at the end */}}
 {{- else if kindIs "map" $value }}
 {{- if $value }}{{ $_ := set $tables $key $value }}{{ end }}
 {{- else if not (kindIs "invalid" $value) }}
@@ -193,6 +193,14 @@ and booleans are valid TOML, and integers never come out in exponent form. Sub-t
 {{- range $key, $value := $rule }}
 {{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $value)) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- /* identity.connections: [[identity.connections]] */}}
+{{- range $conn := ((get $config "identity" | default dict).connections | default list) }}
+{{- $lines = append $lines "" }}
+{{- $lines = append $lines "[[identity.connections]]" }}
+{{- range $key, $value := $conn }}
+{{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $value)) }}
 {{- end }}
 {{- end }}
 {{- join "\n" $lines }}

@@ -343,6 +343,10 @@ mod tests {
             e.audience.as_deref(),
             Some("x7QbYv2M9kLpT4rW1nZs8CdFgH3jK6eA")
         );
+        // Strategy `auth0`: the tenant's own database connection; no groups given.
+        let c = e.connection.as_ref();
+        assert_eq!(c.and_then(|c| c.kind), Some(ConnectionKind::Database));
+        assert_eq!(c.and_then(|c| c.groups.clone()), None);
         assert_eq!(
             e.connection
                 .as_ref()

@@ -207,6 +207,11 @@ mod tests {
         assert_eq!(e.email_verified, Some(true));
         assert_eq!(e.display_name.as_deref(), Some("Lin Wei"));
         assert_eq!(e.occurred_at.timestamp_millis(), 1_715_678_901_234);
+        // Verified by Clerk's own email code.
+        assert_eq!(
+            e.connection.as_ref().and_then(|c| c.kind),
+            Some(ConnectionKind::Database)
+        );
     }
 
     #[test]

@@ -224,4 +224,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.class, ErrorClass::MissingField);
     }
+
+    #[test]
+    fn a_federated_user_reports_its_upstream_kind() {
+        let saml = cognito_connection(
+            Some("EXTERNAL_PROVIDER"),
+            Some(r#"[{"userId":"x","providerName":"AcmeSAML","providerType":"SAML","issuer":null,"primary":true,"dateCreated":1}]"#),
+        )
+        .expect("federated");
+        assert_eq!(saml.kind, Some(ConnectionKind::Enterprise));
+        assert_eq!(saml.connection_id.as_deref(), Some("AcmeSAML"));
+        let google = cognito_connection(
+            None,
+            Some(r#"[{"providerName":"Google","providerType":"Google"}]"#),
+        )
+        .expect("federated");
+        assert_eq!(google.kind, Some(ConnectionKind::Social));
+        // Federated but unreadable: unknown, which trust treats as enterprise.
+        let unknown =
+            cognito_connection(Some("EXTERNAL_PROVIDER"), Some("not json")).expect("federated");
+        assert_eq!((unknown.kind, unknown.connection_id), (None, None));
+        assert!(cognito_connection(Some("CONFIRMED"), None).is_none());
+    }
 }

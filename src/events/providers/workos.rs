@@ -159,6 +159,11 @@ mod tests {
                 .and_then(|c| c.connection_id.as_deref()),
             Some("conn_01HY8N1B3D5F7H9K1M3P5R7T9V")
         );
+        assert_eq!(
+            e.connection.as_ref().and_then(|c| c.kind),
+            Some(ConnectionKind::Enterprise),
+            "SSO is the customer's IdP"
+        );
     }
 
     #[test]
