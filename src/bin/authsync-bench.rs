@@ -1233,7 +1233,7 @@ impl Bench {
         let value = serde_json::to_vec(&serde_json::json!({
             "specversion": "1.0", "id": format!("bench-merge-{suffix}"), "source": "bench",
             "type": "auth.merge", "time": chrono::Utc::now().to_rfc3339(),
-            "data": {"newUserID": new, "oldUserId": old, "reason": "bench"},
+            "data": {"newUserID": new, "oldUserId": old, "reason": "bench", "requestedBy": "authsync-bench"},
         }))?;
         let message = InputMessage {
             topic: config.topics.merge.clone(),
