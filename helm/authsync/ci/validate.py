@@ -281,9 +281,12 @@ for path in sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml"))):
         check(not any("password" in str(v).lower() for v in one(docs, "ConfigMap")["data"].values()),
               f"[{base}] no credential in the ConfigMap")
         rendered = one(docs, "ConfigMap")["data"]["authsync.toml"]
-        check(rendered.count("[[identity.role_sets.rules]]") == 2 and "[[identity.role_sets]]" in rendered
-              and 'mode = "force"' in rendered,
+        check(rendered.count("[[identity.role_sets.rules]]") == 3 and rendered.count("[[identity.role_sets]]") == 2
+              and 'mode = "force"' in rendered and 'connections = ["auth0:con_acmeSaml"]' in rendered,
               f"[{base}] identity role sets render as TOML arrays of tables (and the binary loads them)")
+        check(rendered.count("[[identity.connections]]") == 1 and 'link = false' in rendered
+              and 'organization = "3f0c6a8e-4c1d-4b8e-9a55-1b2c3d4e5f60"' in rendered,
+              f"[{base}] identity connections render as a TOML array of tables")
         pdb = one(docs, "PodDisruptionBudget")["spec"]
         check(pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow",
               f"[{base}] PDB maxUnavailable 1, unhealthyPodEvictionPolicy AlwaysAllow")
