@@ -30,6 +30,9 @@ pub enum ConfigError {
     /// A role rule that cannot work; `rule` names it as `<set>/<rule>` (or its index).
     #[error("identity role rule `{rule}`: {problem}")]
     InvalidRule { rule: String, problem: String },
+    /// An `[[identity.connections]]` entry that cannot work; named `provider:connection`.
+    #[error("identity connection `{connection}`: {problem}")]
+    InvalidConnection { connection: String, problem: String },
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {

@@ -302,19 +302,19 @@ impl IdentityPolicy {
         }
         let mut connections = HashMap::new();
         for c in &config.connections {
-            let name = format!("identity.connections {}:{}", c.provider, c.connection);
+            let name = format!("{}:{}", c.provider, c.connection);
             let key = (provider_key(&c.provider), c.connection.trim().to_string());
             if key.0.is_empty() || key.1.is_empty() {
-                return Err(ConfigError::InvalidRule {
-                    rule: name,
+                return Err(ConfigError::InvalidConnection {
+                    connection: name,
                     problem: "`provider` and `connection` must not be empty".into(),
                 });
             }
             let kind = match c.kind.as_deref() {
                 None => None,
                 Some(k) => Some(ConnectionKind::parse(k).ok_or_else(|| {
-                    ConfigError::InvalidRule {
-                        rule: name.clone(),
+                    ConfigError::InvalidConnection {
+                        connection: name.clone(),
                         problem: format!(
                             "unknown kind `{k}` (expected database, social, enterprise or passwordless)"
                         ),
@@ -323,10 +323,14 @@ impl IdentityPolicy {
             };
             let organization = match c.organization.as_deref() {
                 None => None,
-                Some(id) => Some(Uuid::parse_str(id).map_err(|e| ConfigError::InvalidRule {
-                    rule: name.clone(),
-                    problem: format!("`organization` must be an organization id: {e}"),
-                })?),
+                Some(id) => {
+                    Some(
+                        Uuid::parse_str(id).map_err(|e| ConfigError::InvalidConnection {
+                            connection: name.clone(),
+                            problem: format!("`organization` must be an organization id: {e}"),
+                        })?,
+                    )
+                }
             };
             connections.insert(
                 key,
@@ -921,6 +925,51 @@ mod tests {
         )]
         .into();
         assert_eq!(p.reconcile_roles(user, &Roles::new(), own, false), global);
+    }
+
+    #[test]
+    fn a_connection_that_turns_out_to_be_a_customers_loses_its_global_grants() {
+        // Granted globally while the connection's kind was unknown to the operator ...
+        let p = policy(vec![(
+            "force",
+            vec![rule("connection.groups", "equals", "Admins", "admin")],
+        )]);
+        let attrs = BTreeMap::new();
+        let admins = vec!["Admins".to_string()];
+        let user = Uuid::new_v4();
+        let login = |kind| Claims {
+            provider: "p",
+            subject: "s",
+            connection: Some(ConnectionRef {
+                id: Some("con_x"),
+                kind: Some(kind),
+            }),
+            groups: &[],
+            connection_groups: &admins,
+            attributes: &attrs,
+            asserted: ALL,
+        };
+        let granted =
+            p.reconcile_roles(user, &Roles::new(), login(ConnectionKind::Database), false);
+        assert_eq!(granted, roles(&[("admin", Some("role_set:force:p:s"))]));
+        // ... then reported as enterprise: the same claim no longer grants it, so it goes.
+        let after = p.reconcile_roles(user, &granted, login(ConnectionKind::Enterprise), false);
+        assert!(after.is_empty(), "{after:?}");
+        let e = IdentityPolicy::compile(&IdentityConfig {
+            connections: vec![ConnectionConfig {
+                provider: "auth0".into(),
+                connection: "con_x".into(),
+                organization: Some("not-a-uuid".into()),
+                ..ConnectionConfig::default()
+            }],
+            ..IdentityConfig::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("identity connection `auth0:con_x`") && e.contains("organization"),
+            "{e}"
+        );
     }
 
     #[test]
