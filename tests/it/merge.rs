@@ -64,6 +64,8 @@ async fn seed_content(db: &TestDb, old: Uuid, new: Uuid) -> Uuid {
         INSERT INTO collection_permissions (collection_id, user_id, action) VALUES ('{shared}', '{old}', 'admin'), ('{shared}', '{new}', 'read');
         INSERT INTO teams (id, name, created_by, modified_by) VALUES (gen_random_uuid(), 't', '{old}', '{old}');
         INSERT INTO access_tokens (token, user_id) VALUES ('secret-token-1', '{old}');
+        -- both have `dept`: the survivor's value wins, the old one is reported as dropped
+        INSERT INTO user_attributes (user_id, key, value) VALUES ('{old}', 'dept', 'sales'), ('{new}', 'dept', 'ops'), ('{old}', 'site', 'berlin');
         "#
     ))
     .execute(&db.pool)
@@ -151,6 +153,13 @@ async fn merge_transfers_everything_reports_it_and_is_applied_once() {
     // Devices: each side had its own; the old one moved (and is reported as it was).
     assert_eq!(data["devices"]["moved"].as_array().map(Vec::len), Some(1));
     assert_eq!(data["devices"]["moved"][0]["deviceId"], json!("old-phone"));
+    assert_eq!(data["attributes"]["moved"][0]["key"], json!("site"));
+    assert_eq!(data["attributes"]["dropped"][0]["key"], json!("dept"));
+    assert_eq!(
+        data["attributes"]["dropped"][0]["value"],
+        json!("sales"),
+        "the audit keeps what the merge dropped, enough to reverse it"
+    );
     let revoked: Vec<serde_json::Value> = out
         .iter()
         .filter(|o| o.event_type() == "user.tokens_revoked")
