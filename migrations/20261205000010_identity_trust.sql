@@ -4,19 +4,17 @@
 -- The kind of the connection an identity signs in through (database, social, enterprise,
 -- passwordless; NULL = not reported). With `connection_id` it decides whether the
 -- identity's verified address may link accounts.
-ALTER TABLE external_identities
-    ADD COLUMN connection_kind text,
-    -- Per claim (email, groups, connection, connectionGroups, audience): the time of the
-    -- newest event that set it. An event only moves the claims it carries.
-    ADD COLUMN claim_clocks jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE external_identities ADD COLUMN connection_kind text;
 
 -- Link targets are the identities that currently assert an address (verified ones link;
 -- the others explain why a login was not linked).
 CREATE INDEX external_identities_email_idx ON external_identities (email);
 
 -- The identity that owns the primary address: only it changes `users.email`.
--- Per profile field, the time of the newest event that set it. Existing users get one
--- legacy clock (`*`) for every field: the old single profile clock.
+-- Per profile field, the time of the newest event that set it; and per claim of each of
+-- the user's identities (key `<provider> U+001F <subject> U+001F <claim>`), so a login
+-- that changes no claim writes only the user row it writes anyway. Existing users get one
+-- legacy clock (`*`) for every profile field: the old single profile clock.
 ALTER TABLE users
     ADD COLUMN email_provider text,
     ADD COLUMN email_subject text,

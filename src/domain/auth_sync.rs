@@ -12,7 +12,10 @@ use uuid::Uuid;
 use super::identity::{
     self, Asserted, Claims, ConnectionRef, Grant, IdentityPolicy, LinkDecision, LinkTarget, Roles,
 };
-use super::{advance, is_fresh, Clocks, LoginOutcome, RefreshReason, SignupPlan, UserRecord};
+use super::{
+    advance, identity_clocks, is_fresh, store_identity_clocks, Clocks, LoginOutcome, RefreshReason,
+    SignupPlan, UserRecord,
+};
 use crate::config::ProvisioningConfig;
 use crate::events::login::ConnectionKind;
 use crate::events::results::Linking;
@@ -24,7 +27,8 @@ pub type IdentityKey = (String, String);
 /// How a linked identity was linked (recorded on the identity and in the events).
 pub const LINKED_BY_EMAIL: &str = "verified_email";
 
-/// What one identity asserts, each claim with its own clock.
+/// What one identity asserts, each claim with its own clock (kept in the user's clocks, so
+/// a login that changes no claim writes no identity row).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IdentityClaims {
     pub email: Option<String>,
@@ -251,11 +255,15 @@ pub fn decide<'e>(
             .entry(k.user_id)
             .or_default()
             .insert(k.key.0.clone());
+        let mut claims = k.claims;
+        if let Some(user) = users.get(&k.user_id) {
+            claims.clocks = identity_clocks(&user.clocks, &k.key.0, &k.key.1);
+        }
         idents.insert(
             k.key,
             Ident {
                 user_id: k.user_id,
-                claims: k.claims,
+                claims,
                 merged_from: k.merged_from,
                 last_login_at: k.last_login_at,
                 new: None,
@@ -350,10 +358,11 @@ pub fn decide<'e>(
 
         // The identity's own claims, each by its clock.
         let change = apply_identity_claims(&mut ident.claims, event);
-        ident.dirty |= change.changed || change.clocks_moved;
+        // The row is written only when a claim changed; its clocks ride on the user row.
+        ident.dirty |= change.changed;
         ident.last_login_at = ident.last_login_at.max(event.occurred_at);
-        if event.kind.counts_as_login() {
-            ident.dirty = true;
+        if change.clocks_moved {
+            store_identity_clocks(&mut user.clocks, &key.0, &key.1, &ident.claims.clocks);
         }
         if first.is_some() {
             // A new identity asserts its address from now on: later first logins of the
@@ -524,6 +533,12 @@ pub fn decide<'e>(
         .iter()
         .filter_map(|id| users.get(id).cloned())
         .collect();
+    // A sign-up's row is inserted as planned, with the clocks the batch left it.
+    for signup in &mut plan.signups {
+        if let Some(user) = users.get(&signup.user.id) {
+            signup.user.clocks = user.clocks.clone();
+        }
+    }
     let mut idents: Vec<(IdentityKey, Ident)> =
         idents.into_iter().filter(|(_, i)| i.dirty).collect();
     idents.sort_by(|a, b| a.0.cmp(&b.0));
@@ -698,10 +713,17 @@ mod properties {
             .collect()
     }
 
+    /// Identity claims without their clocks (those are the users', compared in `profile`).
     fn claims_of(l: &Loaded) -> BTreeMap<IdentityKey, (Uuid, IdentityClaims)> {
         l.identities
             .iter()
-            .map(|k| (k.key.clone(), (k.user_id, k.claims.clone())))
+            .map(|k| {
+                let claims = IdentityClaims {
+                    clocks: Clocks::new(),
+                    ..k.claims.clone()
+                };
+                (k.key.clone(), (k.user_id, claims))
+            })
             .collect()
     }
 

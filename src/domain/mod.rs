@@ -56,6 +56,24 @@ pub fn is_fresh(clocks: &Clocks, field: &str, at: DateTime<Utc>) -> bool {
         .is_none_or(|t| at >= *t)
 }
 
+/// The clocks of one identity's claims, as kept in its user's clocks (keys
+/// `<provider>\u{1f}<subject>\u{1f}<claim>`; the edge refuses control characters in
+/// providers and subjects, so the keys of two identities never mix).
+pub fn identity_clocks(user: &Clocks, provider: &str, subject: &str) -> Clocks {
+    let prefix = format!("{provider}\u{1f}{subject}\u{1f}");
+    user.range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, t)| (k[prefix.len()..].to_string(), *t))
+        .collect()
+}
+
+/// Puts one identity's claim clocks into its user's clocks.
+pub fn store_identity_clocks(user: &mut Clocks, provider: &str, subject: &str, clocks: &Clocks) {
+    for (claim, t) in clocks {
+        user.insert(format!("{provider}\u{1f}{subject}\u{1f}{claim}"), *t);
+    }
+}
+
 /// Records that an event at `at` set `field`.
 pub fn advance(clocks: &mut Clocks, field: &str, at: DateTime<Utc>) {
     let clock = clocks.entry(field.to_string()).or_insert(at);

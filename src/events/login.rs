@@ -217,6 +217,11 @@ fn check_list(field: &str, value: Option<&Vec<String>>) -> Result<(), DecodeErro
 /// Identity keys are trimmed: ` auth0` and `auth0` must not become two identities.
 fn required(field: &str, value: Option<String>) -> Result<String, DecodeError> {
     match value {
+        // NUL cannot be stored, and the identity key is part of other keys (clocks, locks).
+        Some(v) if v.chars().any(char::is_control) => Err(DecodeError::new(
+            ErrorClass::InvalidField,
+            format!("field `data.{field}` holds a control character"),
+        )),
         Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
         Some(_) => Err(DecodeError::new(
             ErrorClass::InvalidField,

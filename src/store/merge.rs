@@ -615,6 +615,18 @@ pub async fn transfer(
         }
     }
 
+    // The moved identities' claim clocks (kept in the user row, keys holding U+001F) go
+    // with them, so an old event for a moved identity stays old on the survivor.
+    sqlx::query!(
+        r#"UPDATE users s SET field_clocks = s.field_clocks || COALESCE(
+               (SELECT jsonb_object_agg(c.key, c.value) FROM users o, jsonb_each(o.field_clocks) c
+                WHERE o.id = $1 AND strpos(c.key, chr(31)) > 0), '{}'::jsonb)
+           WHERE s.id = $2"#,
+        old,
+        new
+    )
+    .execute(&mut *conn)
+    .await?;
     sqlx::query!(
         r#"UPDATE users SET
                lifecycle_state = CASE WHEN id = $1 THEN 'merged' ELSE lifecycle_state END,

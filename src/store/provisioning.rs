@@ -47,23 +47,19 @@ pub async fn claim_identities(
         .iter()
         .map(|i| i.claims.audience.as_deref())
         .collect();
-    let clocks: Vec<serde_json::Value> = identities
-        .iter()
-        .map(|i| clocks_to_json(&i.claims.clocks))
-        .collect();
     let at: Vec<DateTime<Utc>> = identities.iter().map(|i| i.last_login_at).collect();
     let linked_by: Vec<Option<&str>> = identities.iter().map(|i| i.linked_by).collect();
     let rows = sqlx::query!(
         r#"
         INSERT INTO external_identities (provider, subject, user_id, email, email_verified, groups,
                                          connection_id, connection_groups, audience, last_login_at,
-                                         linked_by, connection_kind, claim_clocks)
+                                         linked_by, connection_kind)
         SELECT p, s, u, e, v, ARRAY(SELECT jsonb_array_elements_text(g)), c,
-               ARRAY(SELECT jsonb_array_elements_text(cg)), a, t, l, ck, cl
+               ARRAY(SELECT jsonb_array_elements_text(cg)), a, t, l, ck
         FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::bool[], $6::jsonb[],
                     $7::text[], $8::jsonb[], $9::text[], $10::timestamptz[], $11::text[],
-                    $12::text[], $13::jsonb[])
-            AS x(p, s, u, e, v, g, c, cg, a, t, l, ck, cl)
+                    $12::text[])
+            AS x(p, s, u, e, v, g, c, cg, a, t, l, ck)
         ON CONFLICT (provider, subject) DO NOTHING
         RETURNING provider, subject
         "#,
@@ -79,7 +75,6 @@ pub async fn claim_identities(
         &at,
         &linked_by as &[Option<&str>],
         &connection_kinds as &[Option<&str>],
-        &clocks,
     )
     .fetch_all(conn)
     .await?;

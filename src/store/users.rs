@@ -71,7 +71,7 @@ pub async fn lock_by_identities(
         SELECT ei.provider, ei.subject, ei.groups, ei.connection_id, ei.connection_kind,
                ei.connection_groups, ei.audience, ei.email AS identity_email,
                ei.email_verified AS identity_email_verified, ei.merged_from,
-               ei.claim_clocks, ei.last_login_at AS identity_login_at,
+               ei.last_login_at AS identity_login_at,
                u.id, u.email, (ue.verified_at IS NOT NULL) AS "email_verified!",
                u.email_provider, u.email_subject, u.field_clocks,
                u.display_name, u.auth_display_name, u.auth_picture_url, u.given_name,
@@ -103,7 +103,8 @@ pub async fn lock_by_identities(
                 connection_kind: kind_of(r.connection_kind.as_deref()),
                 connection_groups: r.connection_groups,
                 audience: r.audience,
-                clocks: clocks_from_json(r.claim_clocks),
+                // Kept in the user's clocks; `decide` reads them from there.
+                clocks: Clocks::new(),
             },
             merged_from: r.merged_from,
             last_login_at: r.identity_login_at,
@@ -343,10 +344,6 @@ pub async fn update_identities(
         .iter()
         .map(|i| i.claims.audience.as_deref())
         .collect();
-    let clocks: Vec<serde_json::Value> = identities
-        .iter()
-        .map(|i| clocks_to_json(&i.claims.clocks))
-        .collect();
     sqlx::query!(
         r#"
         UPDATE external_identities ei SET
@@ -355,11 +352,11 @@ pub async fn update_identities(
             last_login_at = GREATEST(ei.last_login_at, d.login_at),
             connection_id = d.connection_id, connection_kind = d.connection_kind,
             connection_groups = ARRAY(SELECT jsonb_array_elements_text(d.connection_groups)),
-            audience = d.audience, claim_clocks = d.clocks
+            audience = d.audience
         FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::bool[], $6::timestamptz[],
-                    $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::jsonb[])
+                    $7::text[], $8::jsonb[], $9::text[], $10::text[])
             AS d(provider, subject, groups, email, verified, login_at, connection_id,
-                 connection_groups, audience, connection_kind, clocks)
+                 connection_groups, audience, connection_kind)
         WHERE ei.provider = d.provider AND ei.subject = d.subject
         "#,
         &providers as &[&str],
@@ -372,7 +369,6 @@ pub async fn update_identities(
         &connection_groups,
         &audiences as &[Option<&str>],
         &connection_kinds as &[Option<&str>],
-        &clocks,
     )
     .execute(conn)
     .await

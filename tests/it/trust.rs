@@ -620,3 +620,43 @@ async fn a_merge_into_a_deactivated_user_is_refused() {
         "nothing moved"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_identity_keeps_its_clocks_on_the_survivor() {
+    let mut d = Direct::new(|_| {}).await;
+    d.login(
+        "a-new",
+        "2026-05-01T10:00:00Z",
+        json!({"provider": "p", "subject": "a", "email": "a-new@x.test", "groups": ["g2"]}),
+    )
+    .await;
+    d.login(
+        "b",
+        "2026-05-01T10:00:00Z",
+        json!({"provider": "p", "subject": "b"}),
+    )
+    .await;
+    let (a, b) = (d.user_of("p", "a").await, d.user_of("p", "b").await);
+    let mut message = d.message(merge_request("m-clocks", a, b), vec![]);
+    message.topic = "auth.merge.v1".into();
+    let report = run_batch(&d.db.pool, &d.ctx, &AccountMerge, &[message])
+        .await
+        .expect("merge");
+    assert_eq!(report.applied, 1, "{report:?}");
+    // An older event of the moved identity arrives late: still older on the survivor.
+    d.login(
+        "a-old",
+        "2026-05-01T09:00:00Z",
+        json!({"provider": "p", "subject": "a", "email": "a-old@x.test", "groups": ["g1"]}),
+    )
+    .await;
+    assert_eq!(d.user_of("p", "a").await, b);
+    let (email, groups): (Option<String>, Vec<String>) = sqlx::query_as(
+        "SELECT email, groups FROM external_identities WHERE provider = 'p' AND subject = 'a'",
+    )
+    .fetch_one(&d.db.pool)
+    .await
+    .expect("identity");
+    assert_eq!(email.as_deref(), Some("a-new@x.test"));
+    assert_eq!(groups, ["g2"]);
+}
