@@ -19,7 +19,9 @@ ALTER TABLE users
     ADD COLUMN email_provider text,
     ADD COLUMN email_subject text,
     ADD COLUMN field_clocks jsonb NOT NULL DEFAULT '{}';
-UPDATE users SET field_clocks = jsonb_build_object('*', profile_event_at);
+-- Clock values are microseconds since the epoch.
+UPDATE users SET field_clocks =
+    jsonb_build_object('*', (extract(epoch FROM profile_event_at) * 1000000)::bigint);
 
 -- Who granted a role: `role_set:<set>:<provider>:<subject>` (a rule set, through that
 -- identity's claims: a `force` set revokes only its own grants) or '' (by hand, or before

@@ -12,13 +12,24 @@ use crate::domain::identity::LinkTarget;
 use crate::domain::{Clocks, UserRecord};
 use crate::events::login::ConnectionKind;
 
-/// Clocks as stored (`{"field": "rfc3339"}`); an entry that does not parse is dropped.
+/// Clocks as stored: `{"field": <microseconds since the epoch>}` (integers: cheap to write
+/// and read on every login). An entry that is not one is dropped (that field has no clock).
 pub fn clocks_from_json(value: serde_json::Value) -> Clocks {
-    serde_json::from_value(value).unwrap_or_default()
+    let serde_json::Value::Object(map) = value else {
+        return Clocks::new();
+    };
+    map.into_iter()
+        .filter_map(|(k, v)| Some((k, DateTime::from_timestamp_micros(v.as_i64()?)?)))
+        .collect()
 }
 
 pub fn clocks_to_json(clocks: &Clocks) -> serde_json::Value {
-    serde_json::to_value(clocks).unwrap_or_else(|_| serde_json::json!({}))
+    serde_json::Value::Object(
+        clocks
+            .iter()
+            .map(|(k, t)| (k.clone(), t.timestamp_micros().into()))
+            .collect(),
+    )
 }
 
 fn kind_of(value: Option<&str>) -> Option<ConnectionKind> {
@@ -404,4 +415,21 @@ pub async fn upsert_devices(
     .execute(conn)
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clocks_round_trip_as_microseconds_and_bad_entries_are_dropped() {
+        let t = DateTime::from_timestamp_micros(1_780_000_000_123_456).expect("time");
+        let clocks: Clocks = [("email".to_string(), t), ("p\u{1f}s\u{1f}groups".into(), t)].into();
+        let json = clocks_to_json(&clocks);
+        assert_eq!(json["email"], serde_json::json!(1_780_000_000_123_456i64));
+        assert_eq!(clocks_from_json(json), clocks);
+        let mixed = serde_json::json!({"email": 1_780_000_000_123_456i64, "locale": "soon"});
+        assert_eq!(clocks_from_json(mixed).len(), 1);
+        assert!(clocks_from_json(serde_json::json!([1, 2])).is_empty());
+    }
 }
