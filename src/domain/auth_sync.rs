@@ -47,7 +47,7 @@ pub struct IdentityClaims {
 pub struct ClaimsChange {
     /// A claim value changed.
     pub changed: bool,
-    /// Only a clock moved (the value was already what the event says).
+    /// A claim's clock moved (whether or not its value changed).
     pub clocks_moved: bool,
     pub email_changed: bool,
     pub groups_changed: bool,

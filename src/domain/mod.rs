@@ -296,10 +296,6 @@ pub struct SignupPlan {
     pub user: UserRecord,
     pub provider: String,
     pub subject: String,
-    pub groups: Vec<String>,
-    pub connection_id: Option<String>,
-    pub connection_groups: Vec<String>,
-    pub audience: Option<String>,
     pub tenant_id: Uuid,
     pub organization_id: Uuid,
     pub organization_name: String,
@@ -437,17 +433,6 @@ pub fn plan_signup(
         user,
         provider: event.provider.clone(),
         subject: event.subject.clone(),
-        groups: event.groups.clone().unwrap_or_default(),
-        connection_id: event
-            .connection
-            .as_ref()
-            .and_then(|c| c.connection_id.clone()),
-        connection_groups: event
-            .connection
-            .as_ref()
-            .and_then(|c| c.groups.clone())
-            .unwrap_or_default(),
-        audience: event.audience.clone(),
         tenant_id,
         organization_id,
         organization_name,
