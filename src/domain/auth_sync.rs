@@ -367,38 +367,14 @@ pub fn decide<'e>(
         if first.is_some() {
             // A new identity asserts its address from now on: later first logins of the
             // batch with that address see it (same-batch convergence).
-            if let Some(address) = &ident.claims.email {
-                targets
-                    .entry(address.clone())
-                    .or_default()
-                    .push(LinkTarget {
-                        user_id,
-                        provider: key.0.clone(),
-                        connection_id: ident.claims.connection_id.clone(),
-                        connection_kind: ident.claims.connection_kind,
-                        email_verified: ident.claims.email_verified,
-                        user_providers: Vec::new(),
-                    });
-            }
+            add_target(&mut targets, user_id, &key.0, &ident.claims);
         } else if change.changed {
             // A known identity now asserts another address, flag or connection: keep the
             // targets the batch still decides on current.
             for list in targets.values_mut() {
                 list.retain(|t| !(t.user_id == user_id && t.provider == key.0));
             }
-            if let Some(address) = &ident.claims.email {
-                targets
-                    .entry(address.clone())
-                    .or_default()
-                    .push(LinkTarget {
-                        user_id,
-                        provider: key.0.clone(),
-                        connection_id: ident.claims.connection_id.clone(),
-                        connection_kind: ident.claims.connection_kind,
-                        email_verified: ident.claims.email_verified,
-                        user_providers: Vec::new(),
-                    });
-            }
+            add_target(&mut targets, user_id, &key.0, &ident.claims);
         }
 
         let mut outcome = if signed_up {
@@ -571,6 +547,28 @@ pub fn decide<'e>(
         plan.claims = changed;
     }
     Ok(plan)
+}
+
+/// Makes an identity of this batch a link target of the address it now asserts.
+fn add_target(
+    targets: &mut HashMap<String, Vec<LinkTarget>>,
+    user_id: Uuid,
+    provider: &str,
+    claims: &IdentityClaims,
+) {
+    if let Some(address) = &claims.email {
+        targets
+            .entry(address.clone())
+            .or_default()
+            .push(LinkTarget {
+                user_id,
+                provider: provider.to_string(),
+                connection_id: claims.connection_id.clone(),
+                connection_kind: claims.connection_kind,
+                email_verified: claims.email_verified,
+                user_providers: Vec::new(),
+            });
+    }
 }
 
 /// Bumps the user's version once per event that changed anything.

@@ -78,7 +78,7 @@ struct RoleSet {
     /// Empty: every provider.
     providers: HashSet<String>,
     /// Empty: every connection. `(provider, connection id)`.
-    connections: HashSet<(String, String)>,
+    connections: ConnectionMap<()>,
     allow_global: bool,
     rules: Vec<RoleRule>,
 }
@@ -136,6 +136,14 @@ impl Asserted {
     }
 }
 
+/// provider → connection id → value: looked up on every login with role rules, without
+/// building a key.
+type ConnectionMap<T> = HashMap<String, HashMap<String, T>>;
+
+fn lookup<'m, T>(map: &'m ConnectionMap<T>, provider: &str, id: &str) -> Option<&'m T> {
+    map.get(provider)?.get(id)
+}
+
 /// `[[identity.connections]]`, compiled.
 #[derive(Clone, Debug, Default)]
 struct ConnectionPolicy {
@@ -151,7 +159,7 @@ pub struct IdentityPolicy {
     untrusted_link_providers: HashSet<String>,
     pub attributes_authoritative: bool,
     role_sets: Vec<RoleSet>,
-    connections: HashMap<(String, String), ConnectionPolicy>,
+    connections: ConnectionMap<ConnectionPolicy>,
 }
 
 impl Default for IdentityPolicy {
@@ -286,11 +294,11 @@ impl IdentityPolicy {
                 );
                 rules.push(compile_rule(rule, &name)?);
             }
-            let connections = set
-                .connections
-                .iter()
-                .map(|c| parse_connection_key(c, &set_name))
-                .collect::<Result<_, _>>()?;
+            let mut connections: ConnectionMap<()> = HashMap::new();
+            for c in &set.connections {
+                let (provider, id) = parse_connection_key(c, &set_name)?;
+                connections.entry(provider).or_default().insert(id, ());
+            }
             role_sets.push(RoleSet {
                 mode,
                 granted_by: format!("role_set:{set_name}"),
@@ -300,7 +308,7 @@ impl IdentityPolicy {
                 rules,
             });
         }
-        let mut connections = HashMap::new();
+        let mut connections: ConnectionMap<ConnectionPolicy> = HashMap::new();
         for c in &config.connections {
             let name = format!("{}:{}", c.provider, c.connection);
             let key = (provider_key(&c.provider), c.connection.trim().to_string());
@@ -332,8 +340,8 @@ impl IdentityPolicy {
                     )
                 }
             };
-            connections.insert(
-                key,
+            connections.entry(key.0).or_default().insert(
+                key.1,
                 ConnectionPolicy {
                     kind,
                     link: c.link,
@@ -363,9 +371,7 @@ impl IdentityPolicy {
         provider: &str,
         connection: Option<ConnectionRef<'_>>,
     ) -> Option<&ConnectionPolicy> {
-        let id = connection?.id?;
-        self.connections
-            .get(&(provider.to_string(), id.to_string()))
+        lookup(&self.connections, provider, connection?.id?)
     }
 
     /// The connection's kind: as configured, else as reported. `None` with a connection
@@ -445,10 +451,7 @@ impl IdentityPolicy {
         let customer_org = self
             .connection_policy(claims.provider, claims.connection)
             .and_then(|c| c.organization);
-        let connection_key = claims
-            .connection
-            .and_then(|c| c.id)
-            .map(|id| (claims.provider.to_string(), id.to_string()));
+        let connection_id = claims.connection.and_then(|c| c.id);
         let provenance: Vec<String> = self
             .role_sets
             .iter()
@@ -462,9 +465,8 @@ impl IdentityPolicy {
                 continue;
             }
             if !set.connections.is_empty()
-                && !connection_key
-                    .as_ref()
-                    .is_some_and(|k| set.connections.contains(k))
+                && connection_id
+                    .is_none_or(|id| lookup(&set.connections, claims.provider, id).is_none())
             {
                 continue;
             }

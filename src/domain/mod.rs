@@ -69,8 +69,9 @@ pub fn identity_clocks(user: &Clocks, provider: &str, subject: &str) -> Clocks {
 
 /// Puts one identity's claim clocks into its user's clocks.
 pub fn store_identity_clocks(user: &mut Clocks, provider: &str, subject: &str, clocks: &Clocks) {
+    let prefix = format!("{provider}\u{1f}{subject}\u{1f}");
     for (claim, t) in clocks {
-        user.insert(format!("{provider}\u{1f}{subject}\u{1f}{claim}"), *t);
+        user.insert(format!("{prefix}{claim}"), *t);
     }
 }
 

@@ -36,6 +36,34 @@ fn kind_of(value: Option<&str>) -> Option<ConnectionKind> {
     value.and_then(ConnectionKind::parse)
 }
 
+/// The user of a locking read's row: both reads select the same user columns (their
+/// row types differ, so a macro rather than a function).
+macro_rules! user_record {
+    ($r:expr) => {
+        UserRecord {
+            id: $r.id,
+            email: $r.email,
+            email_verified: $r.email_verified,
+            email_owner: $r.email_provider.zip($r.email_subject),
+            clocks: clocks_from_json($r.field_clocks),
+            display_name: $r.display_name,
+            auth_display_name: $r.auth_display_name,
+            auth_picture_url: $r.auth_picture_url,
+            given_name: $r.given_name,
+            family_name: $r.family_name,
+            locale: $r.locale,
+            workflow_variants: $r.workflow_variants,
+            lifecycle_state: $r.lifecycle_state,
+            version: $r.version,
+            profile_event_at: $r.profile_event_at,
+            last_login_at: $r.last_login_at,
+            login_count: $r.login_count,
+            created_at: $r.created_at,
+            modified_at: $r.modified_at,
+        }
+    };
+}
+
 /// Postgres advisory-lock keys for a batch's first logins: one per identity and per
 /// address. Taken in sorted order, so two batches (on one replica or two) wanting the same
 /// address queue behind each other instead of both signing up a user.
@@ -120,27 +148,7 @@ pub async fn lock_by_identities(
             merged_from: r.merged_from,
             last_login_at: r.identity_login_at,
         });
-        users.entry(r.id).or_insert(UserRecord {
-            id: r.id,
-            email: r.email,
-            email_verified: r.email_verified,
-            email_owner: r.email_provider.zip(r.email_subject),
-            clocks: clocks_from_json(r.field_clocks),
-            display_name: r.display_name,
-            auth_display_name: r.auth_display_name,
-            auth_picture_url: r.auth_picture_url,
-            given_name: r.given_name,
-            family_name: r.family_name,
-            locale: r.locale,
-            workflow_variants: r.workflow_variants,
-            lifecycle_state: r.lifecycle_state,
-            version: r.version,
-            profile_event_at: r.profile_event_at,
-            last_login_at: r.last_login_at,
-            login_count: r.login_count,
-            created_at: r.created_at,
-            modified_at: r.modified_at,
-        });
+        users.entry(r.id).or_insert(user_record!(r));
     }
     Ok((identities, users))
 }
@@ -186,27 +194,7 @@ pub async fn lock_link_targets(
             email_verified: r.identity_email_verified,
             user_providers: r.providers,
         });
-        users.entry(r.id).or_insert(UserRecord {
-            id: r.id,
-            email: r.email,
-            email_verified: r.email_verified,
-            email_owner: r.email_provider.zip(r.email_subject),
-            clocks: clocks_from_json(r.field_clocks),
-            display_name: r.display_name,
-            auth_display_name: r.auth_display_name,
-            auth_picture_url: r.auth_picture_url,
-            given_name: r.given_name,
-            family_name: r.family_name,
-            locale: r.locale,
-            workflow_variants: r.workflow_variants,
-            lifecycle_state: r.lifecycle_state,
-            version: r.version,
-            profile_event_at: r.profile_event_at,
-            last_login_at: r.last_login_at,
-            login_count: r.login_count,
-            created_at: r.created_at,
-            modified_at: r.modified_at,
-        });
+        users.entry(r.id).or_insert(user_record!(r));
     }
     Ok((targets, users))
 }
