@@ -54,6 +54,8 @@ pub struct Config {
     pub provisioning: ProvisioningConfig,
     pub merge: MergeConfig,
     pub identity: IdentityConfig,
+    pub trust: TrustConfig,
+    pub ingest: IngestConfig,
     pub log: LogConfig,
 }
 
@@ -184,6 +186,124 @@ impl Default for MergeConfig {
     }
 }
 
+/// Which producers of the login topic the worker believes (`[trust]`). A message signed by
+/// `authsync ingest` names its verified source; the policy says what each source may assert.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// What happens to a login no trusted source signed (any other producer of the topic):
+    /// `refuse` (default: dead-lettered as `untrusted_source`, redrivable), `restricted`
+    /// (applied, but its `isEmailVerified` and groups are ignored: it can neither link
+    /// accounts nor grant or revoke roles) or `trusted` (applied as it says; only where Kafka
+    /// ACLs already restrict who can produce).
+    pub unsigned: String,
+    /// Source signing keys by key id (`k1 = "env:AUTHSYNC_SOURCE_KEY"`): the same keys as
+    /// `ingest.signing_key`. Several during a rotation. Values are secrets: `env:NAME`,
+    /// `file:/path` or the key itself.
+    pub keys: BTreeMap<String, Secret>,
+    /// What each signed source may say (`[trust.sources.clerk-prod]`). A signed source that
+    /// is not listed is handled as unsigned.
+    pub sources: BTreeMap<String, TrustedSourceConfig>,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            unsigned: "refuse".into(),
+            keys: BTreeMap::new(),
+            sources: BTreeMap::new(),
+        }
+    }
+}
+
+/// One signed source (`[trust.sources.<name>]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedSourceConfig {
+    /// The providers it may speak for (`["clerk"]`; `["*"]` for any). A login for another
+    /// provider is refused (`untrusted_source`).
+    pub providers: Vec<String>,
+    /// May its logins assert `isEmailVerified` (and so link accounts)? Default true.
+    #[serde(default = "yes")]
+    pub email_verified: bool,
+    /// May its logins carry groups (and so grant or revoke roles)? Default true.
+    #[serde(default = "yes")]
+    pub groups: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `authsync ingest`: the HTTP front door for provider webhooks (`[ingest]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Address of the webhook endpoints (`POST /hooks/<endpoint>`) and of its own
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// A request not answered within this is cut off (408/503 to the caller, who retries).
+    pub request_timeout_ms: u64,
+    /// How long a produce may wait for the broker's acknowledgement before the request gets
+    /// 503 (`message.timeout.ms` of the producer).
+    pub ack_timeout_ms: u64,
+    /// Tolerance for signed timestamps (WorkOS `t=`); Standard Webhooks uses its fixed 5 min.
+    pub tolerance_secs: u64,
+    /// The id of `signing_key`, sent with every signature (`trust.keys` on the worker).
+    pub signing_key_id: String,
+    /// The key that signs what ingest produces (`authsync-source-signature`). Required to
+    /// start `authsync ingest`. `env:NAME`, `file:/path` or the key itself (≥ 32 bytes).
+    pub signing_key: Secret,
+    /// Verify, decode and answer, but produce nothing (check a provider's setup).
+    pub dry_run: bool,
+    /// The endpoints, by name (`[ingest.endpoints.clerk-prod]`): the name is the URL path
+    /// (`/hooks/clerk-prod`) and the source every message from it carries.
+    pub endpoints: BTreeMap<String, IngestEndpointConfig>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            max_body_bytes: 1024 * 1024,
+            request_timeout_ms: 15_000,
+            ack_timeout_ms: 5_000,
+            tolerance_secs: 300,
+            signing_key_id: "k1".into(),
+            signing_key: Secret::default(),
+            dry_run: false,
+            endpoints: BTreeMap::new(),
+        }
+    }
+}
+
+/// One webhook endpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestEndpointConfig {
+    /// `clerk`, `workos`, `okta`, `auth0`, `keycloak`, `firebase`, `cognito`, or
+    /// `cloudevents` (normalized or `authsync.native.*` CloudEvents, structured, binary or
+    /// batch).
+    pub provider: String,
+    /// `standard_webhooks` (Svix / `webhook-*` headers, `whsec_` secrets), `workos`
+    /// (`WorkOS-Signature`), or `token` (a shared secret in `header`, as is or after
+    /// `Bearer `). Default: standard_webhooks for clerk, keycloak, firebase, cognito and
+    /// cloudevents; workos for workos; token for okta and auth0.
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// The secrets (`env:NAME`, `file:/path` or the value). Several during a rotation: a
+    /// request signed with any of them is accepted.
+    pub secrets: Vec<Secret>,
+    /// The header that carries the `token` secret. Default `authorization`.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// `cloudevents` endpoints: the providers its events may name (required; `*` = any).
+    #[serde(default)]
+    pub providers: Vec<String>,
+}
+
 /// A string that never appears in logs or `Debug` output (database URLs carry passwords).
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -195,6 +315,27 @@ impl Secret {
     }
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// The secret a reference names: `env:NAME` reads the variable, `file:/path` the file
+    /// (trailing newline dropped); anything else is the secret itself. The error names the
+    /// variable or file, never the value.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        if let Some(name) = self.0.strip_prefix("env:") {
+            std::env::var(name)
+                .map(Secret)
+                .map_err(|_| format!("environment variable {name} is not set"))
+        } else if let Some(path) = self.0.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| format!("cannot read {path}: {e}"))
+        } else {
+            Ok(self.clone())
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -500,6 +641,8 @@ const SECTIONS: &[&str] = &[
     "provisioning",
     "merge",
     "identity",
+    "trust",
+    "ingest",
     "log",
 ];
 
@@ -746,6 +889,16 @@ impl Config {
             }
         }
         crate::domain::identity::IdentityPolicy::compile(&self.identity)?;
+        crate::domain::trust::SourcePolicy::compile(&self.trust)?;
+        for id in self.trust.keys.keys() {
+            if id.is_empty() || id.contains([',', ' ']) {
+                return Err(invalid(
+                    "trust.keys",
+                    format!("key id `{id}` must be non-empty, without commas or spaces"),
+                ));
+            }
+        }
+        crate::ingest::check_config(&self.ingest)?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod consumer;
 pub mod domain;
 pub mod events;
+pub mod ingest;
 pub mod kafka;
 pub mod ops;
 pub mod relay;

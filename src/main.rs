@@ -29,6 +29,9 @@ enum Command {
         #[arg(long)]
         create_topics: bool,
     },
+    /// Receive provider webhooks over HTTP, verify them, and produce one signed login per
+    /// message to the login topic (until SIGTERM / SIGINT). Needs Kafka, not Postgres.
+    Ingest,
     /// Apply the database migrations.
     Migrate,
     /// First run: embedded Kafka mock broker, migrations, worker, relay, HTTP.
@@ -174,6 +177,12 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             app::cancel_on_signals(shutdown.clone());
             let worker = app::start(config, RunOptions { create_topics }, shutdown).await?;
             worker.wait().await
+        }
+        Command::Ingest => {
+            app::cancel_on_signals(shutdown.clone());
+            let ingest = authsync::ingest::start(&config, shutdown).await?;
+            println!("authsync ingest listening on http://{}", ingest.addr);
+            ingest.wait().await
         }
         Command::Migrate => {
             let pool = store::pool(&config.database)?;

@@ -221,6 +221,7 @@ fn logins(prefix: &str, users: usize, n: usize, round: usize) -> Vec<(String, Ve
 impl Bench {
     fn config(&self, db: &Db, suffix: &str, http_port: u16) -> Config {
         let mut c = Config::default();
+        c.trust.unsigned = "trusted".into();
         c.kafka.brokers = self.brokers.clone();
         c.kafka.group_id = format!("bench-{suffix}");
         c.database.url = Secret::new(db.url.clone());
@@ -304,6 +305,8 @@ impl Bench {
                 config.consumer.batch_size.to_string(),
             )
             .env("AUTHSYNC_HTTP_LISTEN", config.http.listen.to_string())
+            // This producer stands in for a cluster whose ACLs admit only trusted producers.
+            .env("AUTHSYNC_TRUST_UNSIGNED", "trusted")
             .env(
                 "AUTHSYNC_RELAY_INBOX_RETENTION_HOURS",
                 config.relay.inbox_retention_hours.to_string(),

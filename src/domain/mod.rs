@@ -4,6 +4,7 @@ pub mod auth_sync;
 pub mod identity;
 pub mod ids;
 pub mod merge;
+pub mod trust;
 
 use std::collections::BTreeMap;
 

@@ -554,6 +554,99 @@ impl LoginEvent {
         event.validated()
     }
 
+    /// The normalized `auth.login` CloudEvent of this login: what `authsync ingest` produces
+    /// for a provider delivery, so the worker reads one contract and nothing the adapter
+    /// did not take (tokens, secrets, raw payloads) travels on. Decoding it gives back this
+    /// login.
+    pub fn to_cloudevent(&self) -> serde_json::Value {
+        use serde_json::{json, Map, Value};
+        let mut data = Map::new();
+        let mut put = |key: &str, value: Value| {
+            if !value.is_null() {
+                data.insert(key.to_string(), value);
+            }
+        };
+        put("provider", json!(self.provider));
+        put("subject", json!(self.subject));
+        put(
+            "kind",
+            json!(match self.kind {
+                LoginKind::Login => "login",
+                LoginKind::Signup => "signup",
+                LoginKind::ProfileUpdate => "profile_update",
+            }),
+        );
+        put("email", json!(self.email));
+        put("isEmailVerified", json!(self.email_verified));
+        put("displayName", json!(self.display_name));
+        put("photoURL", json!(self.photo_url));
+        put("locale", json!(self.locale));
+        put("deviceID", json!(self.device_id));
+        put("userAgent", json!(self.user_agent));
+        put("workflowVariants", json!(self.workflow_variants));
+        put("givenName", json!(self.given_name));
+        put("familyName", json!(self.family_name));
+        put("groups", json!(self.groups));
+        put("audience", json!(self.audience));
+        if let Some(attributes) = &self.attributes {
+            put(
+                "attributes",
+                Value::Array(
+                    attributes
+                        .iter()
+                        .map(|(k, v)| json!({"key": k, "value": v}))
+                        .collect(),
+                ),
+            );
+        }
+        if let Some(c) = &self.connection {
+            let mut connection = Map::new();
+            if let Some(id) = &c.connection_id {
+                connection.insert("connectionId".into(), json!(id));
+            }
+            if let Some(kind) = c.kind {
+                connection.insert("kind".into(), json!(kind.as_str()));
+            }
+            if let Some(groups) = &c.groups {
+                connection.insert("groups".into(), json!(groups));
+            }
+            put("connection", Value::Object(connection));
+        }
+        put("clientUpnKey", json!(self.client_upn_key));
+        put("customUpnValue", json!(self.custom_upn));
+        let h = &self.hints;
+        put("defaultOrganizationName", json!(h.organization_name));
+        put(
+            "defaultOrganizationDisplayName",
+            json!(h.organization_display_name),
+        );
+        put("defaultOrganizationSlug", json!(h.organization_slug));
+        put("defaultProjectName", json!(h.project_name));
+        put("defaultProjectDisplayName", json!(h.project_display_name));
+        put("defaultProjectSlug", json!(h.project_slug));
+        put(
+            "defaultPersonalCollectionLabel",
+            json!(h.personal_collection_label),
+        );
+        put(
+            "defaultFavoritesCollectionLabel",
+            json!(h.favorites_collection_label),
+        );
+        put(
+            "defaultOrganizationCollectionLabel",
+            json!(h.organization_collection_label),
+        );
+        json!({
+            "specversion": "1.0",
+            "id": self.event_id,
+            "source": self.source,
+            "type": LOGIN_EVENT_TYPE,
+            "time": self.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            "datacontenttype": "application/json",
+            "data": data,
+        })
+    }
+
     /// The Kafka key producers should use: all events of one identity land in one partition.
     pub fn partition_key(&self) -> String {
         format!("{}:{}", self.provider, self.subject)

@@ -7,7 +7,9 @@
 pub mod login;
 pub mod merge;
 pub mod providers;
+pub mod redact;
 pub mod results;
+pub mod source;
 
 #[cfg(test)]
 mod properties;
@@ -37,6 +39,9 @@ pub enum ErrorClass {
     Unprocessable,
     /// JSON that is neither a normalized login nor a provider payload authsync knows.
     UnknownPayload,
+    /// No trusted source vouches for it: unsigned while `trust.unsigned = refuse`, a bad
+    /// source signature, or a source speaking for a provider it may not.
+    UntrustedSource,
     /// authsync broke one of its own invariants on this message (a bug): logged at error
     /// level and dead-lettered so the partition moves on.
     Internal,
@@ -53,6 +58,7 @@ impl ErrorClass {
             ErrorClass::InvalidField => "invalid_field",
             ErrorClass::Unprocessable => "unprocessable",
             ErrorClass::UnknownPayload => "unknown_payload",
+            ErrorClass::UntrustedSource => "untrusted_source",
             ErrorClass::Internal => "internal",
         }
     }

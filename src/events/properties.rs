@@ -68,9 +68,20 @@ fn check_login(result: Result<Vec<super::LoginEvent>, DecodeError>) {
         Ok(events) => {
             for e in events {
                 // What reaches the steps: ids either pass the edge check or are refused there.
-                let _ = check_event_id(&e.event_id);
+                let id_ok = check_event_id(&e.event_id).is_ok();
                 assert!(!e.provider.is_empty(), "a decoded login names its provider");
                 assert!(!e.subject.is_empty(), "a decoded login names its subject");
+                // What `authsync ingest` produces for it reads back as the same login.
+                if id_ok {
+                    let normalized = serde_json::to_vec(&e.to_cloudevent()).expect("encodes");
+                    let again = super::LoginEvent::decode(Some(&normalized), 1 << 20);
+                    assert_eq!(
+                        again.as_ref(),
+                        Ok(&e),
+                        "{}",
+                        String::from_utf8_lossy(&normalized)
+                    );
+                }
             }
         }
         Err(e) => assert!(

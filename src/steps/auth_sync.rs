@@ -18,9 +18,10 @@ use uuid::Uuid;
 
 use super::{BatchReport, InputMessage, Step, StepContext};
 use crate::domain::auth_sync::{self, AppliedLogin, IdentityKey, Loaded};
+use crate::domain::trust::{self, Admission};
 use crate::events::providers::{self, RawMessage};
 use crate::events::results::{self, Linking, ResultEvent};
-use crate::events::{DecodeError, LoginEvent};
+use crate::events::{DecodeError, ErrorClass, LoginEvent};
 use crate::store::identity as identity_store;
 use crate::store::outbox::NewMessage;
 use crate::store::provisioning;
@@ -43,9 +44,25 @@ impl Step for AuthSync {
             ctx.max_message_bytes,
         )?;
         let now = Utc::now();
-        for event in &events {
+        let mut events = events;
+        let source = ctx.source_keys.check(
+            &message.headers,
+            message.key.as_deref(),
+            message.value.as_deref(),
+        );
+        for event in &mut events {
             super::check_event_id(&event.event_id)?;
             super::check_event_time(event.occurred_at, now, ctx.max_clock_skew)?;
+            match ctx.sources.admit(&source, &event.provider) {
+                Admission::Full => {}
+                Admission::Restricted {
+                    email_verified,
+                    groups,
+                } => trust::restrict(event, email_verified, groups),
+                Admission::Refused(reason) => {
+                    return Err(DecodeError::new(ErrorClass::UntrustedSource, reason))
+                }
+            }
         }
         Ok(events)
     }

@@ -17,9 +17,14 @@ use std::collections::HashSet;
 
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError, MergeConfig, ProvisioningConfig, TopicsConfig};
+use crate::config::{
+    Config, ConfigError, MergeConfig, ProvisioningConfig, TopicsConfig, TrustConfig,
+};
 use crate::domain::identity::IdentityPolicy;
 use crate::domain::ids;
+use crate::domain::trust::SourcePolicy;
+use crate::events::redact;
+use crate::events::source::{SigningKey, SourceKeys};
 use crate::events::{DecodeError, ErrorClass};
 use crate::store::inbox::{self, Claim};
 use crate::store::outbox::{self, NewMessage};
@@ -53,6 +58,9 @@ pub struct StepContext {
     pub provisioning: ProvisioningConfig,
     pub merge: MergeConfig,
     pub identity: Arc<IdentityPolicy>,
+    /// Which producers of the login topic are believed (`[trust]`), and their keys.
+    pub sources: Arc<SourcePolicy>,
+    pub source_keys: Arc<SourceKeys>,
     pub max_message_bytes: usize,
     /// `relay.message_max_bytes`: what the producer can send (see [`write_outbox`]).
     pub max_publish_bytes: usize,
@@ -71,6 +79,8 @@ impl StepContext {
             provisioning: config.provisioning.clone(),
             merge: config.merge.clone(),
             identity: Arc::new(IdentityPolicy::compile(&config.identity)?),
+            sources: Arc::new(SourcePolicy::compile(&config.trust)?),
+            source_keys: Arc::new(resolve_source_keys(&config.trust)?),
             max_message_bytes: config.consumer.max_message_bytes,
             max_publish_bytes: config.relay.message_max_bytes,
             max_clock_skew: chrono::Duration::seconds(
@@ -79,6 +89,22 @@ impl StepContext {
             random_page_cost: config.database.random_page_cost,
         })
     }
+}
+
+/// The worker's source keys (`trust.keys`), read from where the configuration says.
+pub fn resolve_source_keys(trust: &TrustConfig) -> Result<SourceKeys, ConfigError> {
+    let mut keys = Vec::new();
+    for (id, secret) in &trust.keys {
+        keys.push(
+            SigningKey::resolve(id, secret, &format!("trust.keys.{id}")).map_err(|problem| {
+                ConfigError::Invalid {
+                    field: "trust.keys",
+                    problem,
+                }
+            })?,
+        );
+    }
+    Ok(SourceKeys::new(keys))
 }
 
 /// The messages of a batch this transaction claimed, and the dead letters of those that
@@ -240,6 +266,16 @@ pub fn dead_letter(
     let reason = bounded_reason(reason);
     let mut headers = message.headers.clone();
     headers.retain(|(k, _)| !is_dead_letter_header(k));
+    // Whatever reached the topic without passing `authsync ingest` may carry credentials:
+    // they are not stored or forwarded with the dead letter.
+    let stripped = redact::strip_headers(&mut headers);
+    let payload = match message.value.as_deref().and_then(redact::strip_bytes) {
+        Some(clean) => Some(clean),
+        None => message.value.clone(),
+    };
+    if stripped > 0 || payload != message.value {
+        headers.push(("authsync-dlq-secrets-removed".to_string(), b"true".to_vec()));
+    }
     for (name, value) in [
         ("authsync-error-class", class.to_string()),
         ("authsync-error-reason", reason.clone()),
@@ -282,7 +318,7 @@ pub fn dead_letter(
         topic: ctx.topics.dlq_for(&message.topic),
         key: message.key.clone(),
         event_type: "dead_letter".into(),
-        payload: message.value.clone(),
+        payload,
         headers,
     }
 }

@@ -42,6 +42,8 @@ fn spawn(brokers: &str, db: &TestDb, suffix: &str, group: &str, failpoints: &str
         .env("AUTHSYNC_KAFKA_GROUP_ID", group)
         .env("AUTHSYNC_DATABASE_URL", &db.url)
         .env("AUTHSYNC_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        // This producer stands in for a cluster whose ACLs admit only trusted producers.
+        .env("AUTHSYNC_TRUST_UNSIGNED", "trusted")
         .env("AUTHSYNC_TOPICS_LOGIN", format!("auth.login.{suffix}"))
         .env("AUTHSYNC_TOPICS_MERGE", format!("auth.merge.{suffix}"))
         .env(

@@ -162,6 +162,9 @@ pub fn test_config(brokers: &str, db_url: &str) -> Config {
     config.consumer.retry_max_ms = 500;
     config.relay.poll_interval_ms = 100;
     config.topics.partitions = PARTITIONS;
+    // The tests' producers stand in for a cluster whose ACLs admit only trusted producers;
+    // the trust tests set their own policy.
+    config.trust.unsigned = "trusted".into();
     config
 }
 

@@ -47,6 +47,8 @@ fn spawn_worker(brokers: &str, db: &TestDb, suffix: &str, group: &str) -> Proces
         .env("AUTHSYNC_KAFKA_GROUP_ID", group)
         .env("AUTHSYNC_DATABASE_URL", &db.url)
         .env("AUTHSYNC_HTTP_LISTEN", "127.0.0.1:0")
+        // This producer stands in for a cluster whose ACLs admit only trusted producers.
+        .env("AUTHSYNC_TRUST_UNSIGNED", "trusted")
         .env("AUTHSYNC_TOPICS_LOGIN", format!("auth.login.{suffix}"))
         .env(
             "AUTHSYNC_TOPICS_USER_EVENTS",

@@ -274,6 +274,8 @@ fn spawn_worker(brokers: &str, db: &TestDb, login_topic: &str, out_topic: &str) 
         .env("AUTHSYNC_KAFKA_GROUP_ID", random_name("trust"))
         .env("AUTHSYNC_DATABASE_URL", &db.url)
         .env("AUTHSYNC_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        // This producer stands in for a cluster whose ACLs admit only trusted producers.
+        .env("AUTHSYNC_TRUST_UNSIGNED", "trusted")
         .env("AUTHSYNC_TOPICS_LOGIN", login_topic)
         .env("AUTHSYNC_TOPICS_MERGE", format!("{login_topic}.merge"))
         .env("AUTHSYNC_TOPICS_USER_EVENTS", out_topic)
