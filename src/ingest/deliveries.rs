@@ -37,6 +37,8 @@ pub struct Split {
     pub messages: Vec<Outgoing>,
     /// Provider events that are not logins (acknowledged, not produced).
     pub dropped: usize,
+    /// Event ids already in `messages`: a log stream may repeat a record within a request.
+    seen: std::collections::HashSet<String>,
 }
 
 /// A request the endpoint refuses as a whole (nothing is produced).
@@ -136,9 +138,14 @@ fn native(
             timestamp,
         };
         let decoded = providers::decode_login_message(message, max_bytes);
-        push(&mut out, endpoint, provider.name(), decoded, || {
-            undecodable(endpoint, provider.name(), document, verified, now)
-        });
+        push(
+            &mut out,
+            endpoint,
+            provider.name(),
+            decoded,
+            document,
+            || undecodable(endpoint, provider.name(), document, verified, now),
+        );
     }
     out
 }
@@ -166,16 +173,36 @@ fn push(
     endpoint: &str,
     provider: &str,
     decoded: Result<Vec<LoginEvent>, DecodeError>,
+    document: &[u8],
     kept: impl FnOnce() -> Outgoing,
 ) {
     match decoded {
-        Ok(events) if events.is_empty() => out.dropped += 1,
-        Ok(events) => out.messages.extend(events.iter().map(login_message)),
+        Ok(events) => {
+            out.dropped += batch_len(document).saturating_sub(events.len());
+            for event in &events {
+                if out.seen.insert(event.event_id.clone()) {
+                    out.messages.push(login_message(event));
+                }
+            }
+        }
         Err(e) => {
             tracing::warn!(endpoint, provider, error_class = e.class.as_str(), reason = %e.reason,
                 "authenticated delivery no adapter can read: sent on to be dead-lettered");
             out.messages.push(kept());
         }
+    }
+}
+
+/// How many provider events a document holds: an Okta hook's `data.events`, an Auth0 log
+/// batch's entries, else one (for the count of events dropped as not logins).
+fn batch_len(document: &[u8]) -> usize {
+    match serde_json::from_slice::<Value>(document) {
+        Ok(Value::Array(items)) => items.len(),
+        Ok(v) => v
+            .pointer("/data/events")
+            .and_then(Value::as_array)
+            .map_or(1, Vec::len),
+        Err(_) => 1,
     }
 }
 
@@ -313,14 +340,16 @@ fn cloudevents(
             .to_string();
         // A broken CloudEvent goes on as it came (secrets removed), so the worker names
         // the same error.
-        push(&mut out, endpoint, &provider, decoded, || Outgoing {
-            key: format!(
-                "{provider}:undecodable:{}",
-                event.get("id").and_then(Value::as_str).unwrap_or("-")
-            ),
-            value: redact::strip_bytes(&bytes).unwrap_or_else(|| bytes.clone()),
-            provider: provider.clone(),
-            login: false,
+        push(&mut out, endpoint, &provider, decoded, &bytes, || {
+            Outgoing {
+                key: format!(
+                    "{provider}:undecodable:{}",
+                    event.get("id").and_then(Value::as_str).unwrap_or("-")
+                ),
+                value: redact::strip_bytes(&bytes).unwrap_or_else(|| bytes.clone()),
+                provider: provider.clone(),
+                login: false,
+            }
         });
     }
     Ok(out)

@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod identity;
+mod ingest;
 mod merge;
 mod ops;
 mod providers;
