@@ -59,7 +59,7 @@ pub fn is_secret_key(key: &str) -> bool {
 pub fn is_secret_header(name: &str) -> bool {
     let name = normalized(name);
     is_secret_key(&name)
-        || ["secret", "token", "password", "apikey", "cookie", "auth"]
+        || ["secret", "token", "password", "apikey", "cookie"]
             .iter()
             .any(|w| name.contains(w))
             && !name.contains("signature")
@@ -191,6 +191,7 @@ mod tests {
             "webhook-signature",
             "authsync-source",
             "authsync-source-signature",
+            "authsync-provider",
             "svix-id",
             "content-type",
         ] {

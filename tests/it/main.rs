@@ -15,4 +15,5 @@ mod providers;
 mod real_broker;
 mod relay;
 mod runtime;
+mod sources;
 mod trust;
