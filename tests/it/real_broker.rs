@@ -144,3 +144,138 @@ async fn binary_against_a_real_broker_process_end_to_end() {
     assert_eq!(db.count("SELECT count(*) FROM outbox_emitted").await, 19);
     assert_eq!(db.count("SELECT count(*) FROM inbox").await, 11);
 }
+
+/// Both real binaries: `authsync ingest` takes a Clerk-signed `user.created`, `authsync run`
+/// turns it into a user and its `user.synced` and `user.signed_up`.
+async fn clerk_webhook_through_ingest_and_run(brokers: &str) {
+    use crate::ingest::{svix_headers, CLERK_SECRET, SOURCE_KEY};
+    let db = TestDb::new().await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let dir = std::env::temp_dir().join(random_name("authsync-e2e"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("authsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[topics]
+login = "auth.login.{suffix}"
+user_events = "auth.user-events.{suffix}"
+merge = "auth.merge.{suffix}"
+partitions = 3
+
+[ingest]
+listen = "127.0.0.1:{port}"
+signing_key = "env:E2E_SOURCE_KEY"
+
+[ingest.endpoints.clerk-prod]
+provider = "clerk"
+secrets = ["env:E2E_CLERK_SECRET"]
+
+[trust]
+unsigned = "refuse"
+
+[trust.keys]
+k1 = "env:E2E_SOURCE_KEY"
+
+[trust.sources.clerk-prod]
+providers = ["clerk"]
+"#
+        ),
+    )
+    .expect("config file");
+    let spawn = |args: &[&str]| {
+        Process(
+            Command::new(env!("CARGO_BIN_EXE_authsync"))
+                .arg("--config")
+                .arg(&config)
+                .args(args)
+                .env("AUTHSYNC_KAFKA_BROKERS", brokers)
+                .env("AUTHSYNC_KAFKA_GROUP_ID", random_name("e2e-ingest"))
+                .env("AUTHSYNC_DATABASE_URL", &db.url)
+                .env("AUTHSYNC_HTTP_LISTEN", "127.0.0.1:0")
+                .env("AUTHSYNC_RELAY_POLL_INTERVAL_MS", "100")
+                .env("AUTHSYNC_KAFKA_SESSION_TIMEOUT_MS", "10000")
+                .env("AUTHSYNC_LOG_LEVEL", "warn")
+                .env("E2E_SOURCE_KEY", SOURCE_KEY)
+                .env("E2E_CLERK_SECRET", CLERK_SECRET)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn authsync"),
+        )
+    };
+    let mut worker = spawn(&["run", "--create-topics"]);
+    wait_for("worker ready", || async {
+        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'authsync-worker:%'")
+            .await
+            > 0
+    })
+    .await;
+    let mut ingest = spawn(&["ingest"]);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for("ingest ready", || async {
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let body = std::fs::read(format!(
+        "{}/tests/fixtures/clerk/user-created.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture");
+    let mut request = http
+        .post(format!("{base}/hooks/clerk-prod"))
+        .body(body.clone());
+    for (k, v) in svix_headers(
+        CLERK_SECRET,
+        "msg_e2e_bin",
+        chrono::Utc::now().timestamp(),
+        &body,
+    ) {
+        request = request.header(k, v);
+    }
+    let response = request.send().await.expect("POST");
+    assert_eq!(response.status().as_u16(), 200);
+    let outputs = read_topics(brokers, &[format!("auth.user-events.{suffix}")], 2).await;
+    let mut types: Vec<String> = outputs.iter().map(Output::event_type).collect();
+    types.sort();
+    assert_eq!(types, ["user.signed_up", "user.synced"]);
+    let synced = outputs
+        .iter()
+        .find(|o| o.event_type() == "user.synced")
+        .expect("synced")
+        .json();
+    assert_eq!(synced["data"]["didSignUp"], true, "{synced}");
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(
+        ingest.terminate(),
+        Some(0),
+        "ingest stops cleanly on SIGTERM"
+    );
+    assert_eq!(
+        worker.terminate(),
+        Some(0),
+        "worker stops cleanly on SIGTERM"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clerk_webhook_through_both_binaries_on_the_embedded_broker() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    clerk_webhook_through_ingest_and_run(&cluster.bootstrap_servers()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clerk_webhook_through_both_binaries_on_a_real_broker_process() {
+    let Some(brokers) = brokers() else { return };
+    clerk_webhook_through_ingest_and_run(&brokers).await;
+}
