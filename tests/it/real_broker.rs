@@ -147,10 +147,9 @@ async fn binary_against_a_real_broker_process_end_to_end() {
 
 /// Both real binaries: `authsync ingest` takes a Clerk-signed `user.created`, `authsync run`
 /// turns it into a user and its `user.synced` and `user.signed_up`.
-async fn clerk_webhook_through_ingest_and_run(brokers: &str) {
+async fn clerk_webhook_through_ingest_and_run(brokers: &str, suffix: &str) {
     use crate::ingest::{svix_headers, CLERK_SECRET, SOURCE_KEY};
     let db = TestDb::new().await;
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
         l.local_addr().expect("addr").port()
@@ -271,11 +270,27 @@ providers = ["clerk"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clerk_webhook_through_both_binaries_on_the_embedded_broker() {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    clerk_webhook_through_ingest_and_run(&cluster.bootstrap_servers()).await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    for topic in [
+        "auth.login",
+        "auth.user-events",
+        "auth.merge",
+        "auth.login.dlq",
+        "auth.merge.dlq",
+    ] {
+        let (base, dlq) = topic
+            .split_once(".dlq")
+            .map_or((topic, ""), |(b, _)| (b, ".dlq"));
+        cluster
+            .create_topic(&format!("{base}.{suffix}{dlq}"), 3, 1)
+            .expect("topic");
+    }
+    clerk_webhook_through_ingest_and_run(&cluster.bootstrap_servers(), &suffix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clerk_webhook_through_both_binaries_on_a_real_broker_process() {
     let Some(brokers) = brokers() else { return };
-    clerk_webhook_through_ingest_and_run(&brokers).await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    clerk_webhook_through_ingest_and_run(&brokers, &suffix).await;
 }
