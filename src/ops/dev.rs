@@ -49,6 +49,56 @@ pub async fn ensure_database(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `clerk-dev` endpoint's Standard Webhooks secret (dev only: printed, never secret).
+pub const DEV_CLERK_SECRET: &str = "whsec_ZGV2LW9ubHktc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZA==";
+
+/// Dev defaults for the front door and the trust policy, unless configured: an ingest on
+/// 127.0.0.1:8081 with a `clerk-dev` endpoint, a signing key made for this run, and
+/// unsigned producers (kcat, the demo) trusted unless `trust.unsigned` was set in the
+/// environment. Returns whether the `clerk-dev` endpoint was added.
+fn prepare_dev_trust(config: &mut Config) -> bool {
+    if std::env::var_os("AUTHSYNC_TRUST_UNSIGNED").is_none() && config.trust.unsigned == "refuse" {
+        config.trust.unsigned = "trusted".into();
+    }
+    if config.ingest.signing_key.is_empty() {
+        let key = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        config.ingest.signing_key = crate::config::Secret::new(key.clone());
+        config.trust.keys.insert(
+            config.ingest.signing_key_id.clone(),
+            crate::config::Secret::new(key),
+        );
+    }
+    if std::env::var_os("AUTHSYNC_INGEST_LISTEN").is_none()
+        && config.ingest.listen == crate::config::IngestConfig::default().listen
+    {
+        config.ingest.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 8081));
+    }
+    if !config.ingest.endpoints.is_empty() {
+        return false;
+    }
+    config.ingest.endpoints.insert(
+        "clerk-dev".into(),
+        crate::config::IngestEndpointConfig {
+            provider: "clerk".into(),
+            secrets: vec![crate::config::Secret::new(DEV_CLERK_SECRET)],
+            ..Default::default()
+        },
+    );
+    config.trust.sources.insert(
+        "clerk-dev".into(),
+        crate::config::TrustedSourceConfig {
+            providers: vec!["clerk".into()],
+            email_verified: true,
+            groups: true,
+        },
+    );
+    true
+}
+
 /// A sample `auth.login` CloudEvent (also used by `--demo`).
 pub fn sample_login(id: &str, provider: &str, subject: &str, data: serde_json::Value) -> Vec<u8> {
     let mut data = data;
@@ -80,12 +130,14 @@ pub async fn run(
             .with_context(|| format!("cannot create topic {topic}"))?;
     }
     config.kafka.brokers = cluster.bootstrap_servers();
+    let ingest_on = prepare_dev_trust(&mut config);
     ensure_database(&config).await?;
     let pool = store::pool(&config.database)?;
     store::migrate(&pool).await.context("migrations failed")?;
     pool.close().await;
 
     let worker = app::start(config.clone(), RunOptions::default(), shutdown.clone()).await?;
+    let ingest = crate::ingest::start(&config, shutdown.clone()).await?;
     println!("authsync dev is running");
     println!("  Kafka (embedded mock broker): {}", config.kafka.brokers);
     println!(
@@ -102,6 +154,26 @@ pub async fn run(
         "  publish a login:  kcat -b {} -t {} -P -k 'demo:alice'   (one JSON CloudEvent per line)",
         config.kafka.brokers, config.topics.login
     );
+    if ingest_on {
+        println!(
+            "  webhooks (authsync ingest): http://{}/hooks/clerk-dev  (Standard Webhooks secret {DEV_CLERK_SECRET})",
+            ingest.addr
+        );
+    } else {
+        println!(
+            "  webhooks (authsync ingest): http://{}/hooks/<endpoint>",
+            ingest.addr
+        );
+    }
+    println!(
+        "  trust.unsigned = {}: what kcat publishes directly is {}",
+        config.trust.unsigned,
+        if config.trust.unsigned == "refuse" {
+            "dead-lettered (untrusted_source)"
+        } else {
+            "applied"
+        }
+    );
     println!("  Ctrl-C stops it.");
 
     if demo {
@@ -110,6 +182,7 @@ pub async fn run(
         }
     }
     shutdown.cancelled().await;
+    ingest.wait().await?;
     worker.wait().await?;
     drop(cluster);
     Ok(())
