@@ -71,14 +71,19 @@ def render(values: dict | None, api_versions: list[str] | None = None) -> list[d
     return docs
 
 
-def kinds(docs: list[dict], kind: str, hooks: bool | None = False) -> list[dict]:
-    """Objects of `kind`; hooks=False: release objects only, True: hooks only, None: both."""
-    return [d for d in docs if d.get("kind") == kind and
+def component(d: dict) -> str:
+    return (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component", "")
+
+
+def kinds(docs: list[dict], kind: str, hooks: bool | None = False, ingest: bool = False) -> list[dict]:
+    """Objects of `kind`; hooks=False: release objects only, True: hooks only, None: both.
+    The ingest's objects (component: ingest) only when `ingest`."""
+    return [d for d in docs if d.get("kind") == kind and (component(d) == "ingest") == ingest and
             (hooks is None or (HOOK in (d["metadata"].get("annotations") or {})) == hooks)]
 
 
-def one(docs: list[dict], kind: str, hooks: bool = False) -> dict:
-    found = kinds(docs, kind, hooks)
+def one(docs: list[dict], kind: str, hooks: bool = False, ingest: bool = False) -> dict:
+    found = kinds(docs, kind, hooks, ingest)
     assert len(found) == 1, f"expected one {kind} (hook={hooks}), got {len(found)}"
     return found[0]
 
@@ -244,6 +249,10 @@ check("[merge]" in toml and "fetch_wait_max_ms = 10" in toml, "config has the [m
 notes = render_raw(None)["authsync/templates/NOTES.txt"]
 check("migrat" in notes and "demo-authsync" in notes, "NOTES.txt renders")
 
+rejected({"config": {"ingest": {"signing_key": "a-literal-key-in-a-configmap-0123456789"}}},
+         "pattern", "a literal secret in config.ingest.signing_key")
+rejected({"config": {"ingest": {"listen": "0.0.0.0:1"}}}, "listen", "config.ingest.listen set by hand")
+
 # ---------------------------------------------------------------------------------------
 # ci/*-values.yaml.
 for path in sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml"))):
@@ -256,6 +265,34 @@ for path in sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml"))):
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     vols = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    if base == "ingest-values.yaml":
+        idep = one(docs, "Deployment", ingest=True)
+        ic = idep["spec"]["template"]["spec"]["containers"][0]
+        ienv = env_of(ic)
+        check(ic["args"][:3] == ["ingest", "--config", "/etc/authsync/authsync.toml"],
+              f"[{base}] the ingest Deployment runs `authsync ingest`")
+        check("CLERK_WEBHOOK_SECRET" in ienv and "AUTHSYNC_SOURCE_KEY" in ienv and "AUTHSYNC_SOURCE_KEY" in env
+              and "CLERK_WEBHOOK_SECRET" not in env,
+              f"[{base}] webhook secrets only in the ingest pods, the source key in both")
+        check(ic["readinessProbe"]["httpGet"]["path"] == "/readyz" and ic["ports"][0]["containerPort"] == 8081,
+              f"[{base}] ingest probes and port")
+        isvc = one(docs, "Service", ingest=True)
+        wsvc = one(docs, "Service")
+        ilabels = idep["spec"]["template"]["metadata"]["labels"]
+        check(all(ilabels.get(k) == v for k, v in isvc["spec"]["selector"].items())
+              and not all(ilabels.get(k) == v for k, v in wsvc["spec"]["selector"].items())
+              and not all(ilabels.get(k) == v for k, v in one(docs, "Deployment")["spec"]["selector"]["matchLabels"].items()),
+              f"[{base}] the ingest Service selects ingest pods; the worker's selectors do not")
+        ing = one(docs, "Ingress", ingest=True)
+        paths = [p for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+        check([p["path"] for p in paths] == ["/hooks/"] and ing["spec"]["tls"][0]["secretName"] == "hooks-tls",
+              f"[{base}] the Ingress exposes only /hooks/")
+        toml = one(docs, "ConfigMap")["data"]["authsync.toml"]
+        check("[trust.sources.clerk-prod]" in toml and "[ingest.endpoints.okta-prod]" in toml
+              and 'listen = "0.0.0.0:8081"' in toml,
+              f"[{base}] trust sources and ingest endpoints render as named tables")
+    else:
+        check(not kinds(docs, "Deployment", ingest=True), f"[{base}] no ingest Deployment unless enabled")
     if base == "sasl-values.yaml":
         check("AUTHSYNC_KAFKA_PROPERTY_SASL_USERNAME" in env and "AUTHSYNC_KAFKA_PROPERTY_SASL_PASSWORD" in env,
               f"[{base}] SASL credentials come from the Secret")

@@ -31,6 +31,12 @@ Chart name and version, as used by the helm.sh/chart label.
 {{/*
 Labels on every object.
 */}}
+{{- define "authsync.ingestSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "authsync.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: ingest
+{{- end }}
+
 {{- define "authsync.labels" -}}
 helm.sh/chart: {{ include "authsync.chart" . }}
 {{ include "authsync.selectorLabels" . }}
@@ -136,6 +142,14 @@ Returns YAML; use with fromYaml.
 {{- end }}
 {{- $_ := set $http "listen" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
 {{- $_ := set $config "http" $http }}
+{{- $ingest := get $config "ingest" | default dict }}
+{{- if hasKey $ingest "listen" }}
+{{- fail "config.ingest.listen is set by the chart: change ingest.containerPort instead" }}
+{{- end }}
+{{- if .Values.ingest.enabled }}
+{{- $_ := set $ingest "listen" (printf "0.0.0.0:%d" (int .Values.ingest.containerPort)) }}
+{{- $_ := set $config "ingest" $ingest }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -168,6 +182,16 @@ and booleans are valid TOML, and integers never come out in exponent form. Sub-t
 {{- end }}
 {{- end }}
 {{- range $table, $entries := $tables }}
+{{- if or (and (eq $section "trust") (eq $table "sources")) (and (eq $section "ingest") (eq $table "endpoints")) }}
+{{- /* a table per name: [trust.sources.<name>] with TOML (JSON-compatible) values */}}
+{{- range $name, $entry := $entries }}
+{{- $lines = append $lines "" }}
+{{- $lines = append $lines (printf "[%s.%s.%s]" (include "authsync.tomlKey" $section) (include "authsync.tomlKey" $table) (include "authsync.tomlKey" $name)) }}
+{{- range $key, $value := $entry }}
+{{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $value)) }}
+{{- end }}
+{{- end }}
+{{- else }}
 {{- $lines = append $lines "" }}
 {{- $lines = append $lines (printf "[%s.%s]" (include "authsync.tomlKey" $section) (include "authsync.tomlKey" $table)) }}
 {{- range $key, $value := $entries }}
@@ -175,6 +199,7 @@ and booleans are valid TOML, and integers never come out in exponent form. Sub-t
 {{- $text := $value }}
 {{- if not (kindIs "string" $value) }}{{ $text = toJson $value }}{{ end }}
 {{- $lines = append $lines (printf "%s = %s" (include "authsync.tomlKey" $key) (toJson $text)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
