@@ -29,11 +29,15 @@ use rdkafka::{ClientConfig, Message};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+#[path = "bench/ingest.rs"]
+mod ingest;
+
 #[derive(Parser)]
 #[command(about = "Benchmark authsync against the machine's ceiling")]
 struct Args {
     /// returning | signup | replay | relay | merge | latency | all, or `soak` (not in `all`:
-    /// `--minutes` at `--rate` logins/s through the real binary, with a short retention)
+    /// `--minutes` at `--rate` logins/s through the real binary, with a short retention), or
+    /// `ingest` (not in `all`: signed webhooks through `authsync ingest`, driven by `oha`)
     scenario: String,
     /// soak: how long to run.
     #[arg(long, default_value_t = 30)]
@@ -1447,7 +1451,7 @@ async fn main() -> anyhow::Result<()> {
     let mut mock = None;
     let brokers = match &args.brokers {
         Some(b) => b.clone(),
-        None if args.scenario == "soak" => {
+        None if args.scenario == "soak" || args.scenario == "ingest" => {
             let cluster = rdkafka::mocking::MockCluster::new(1)?;
             let servers = cluster.bootstrap_servers();
             mock = Some(cluster);
@@ -1483,6 +1487,9 @@ async fn main() -> anyhow::Result<()> {
     let scenario = bench.args.scenario.clone();
     let ev = bench.args.events;
     let run = |s: &str| s == scenario || scenario == "all";
+    if scenario == "ingest" {
+        ingest::run(&bench.brokers, 20).await?;
+    }
     if run("returning") {
         bench.returning(ev.unwrap_or(200_000)).await?;
     }

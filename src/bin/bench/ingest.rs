@@ -1,0 +1,183 @@
+//! `authsync-bench ingest`: Clerk-style signed webhooks through `authsync ingest` to the
+//! broker's acknowledgement, driven by a real HTTP load generator (`oha`), against
+//! librdkafka's mock cluster hosted in this process. The ceiling of the same run is the same
+//! requests answered by an ingest that verifies and decodes but does not produce
+//! (`ingest.dry_run`).
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use authsync::config::{Config, IngestEndpointConfig, Secret};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One oha run's summary.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub requests_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub ok: u64,
+    pub other: u64,
+}
+
+fn config(brokers: &str, topic: &str, dry_run: bool) -> Config {
+    let mut c = Config::default();
+    c.kafka.brokers = brokers.to_string();
+    c.topics.login = topic.to_string();
+    c.ingest.listen = "127.0.0.1:0".parse().unwrap_or(c.ingest.listen);
+    c.ingest.signing_key = Secret::new("bench-source-key-0123456789abcdef0123456789");
+    c.ingest.dry_run = dry_run;
+    c.ingest.endpoints.insert(
+        "clerk-bench".into(),
+        IngestEndpointConfig {
+            provider: "clerk".into(),
+            secrets: vec![Secret::new(SECRET)],
+            ..Default::default()
+        },
+    );
+    c.log.level = "warn".into();
+    c
+}
+
+/// `oha` with a fixed, validly signed Clerk delivery (the signature stays fresh for the
+/// 5-minute tolerance, longer than the runs). `rate`: requests/s, or saturation.
+fn oha(
+    url: &str,
+    body: &str,
+    headers: &[(String, String)],
+    secs: u64,
+    rate: Option<u64>,
+) -> anyhow::Result<Load> {
+    let mut cmd = Command::new("oha");
+    cmd.args([
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-z",
+        &format!("{secs}s"),
+        "-m",
+        "POST",
+        "-c",
+        "50",
+    ]);
+    if let Some(r) = rate {
+        cmd.args(["-q", &r.to_string()]);
+    }
+    for (k, v) in headers {
+        cmd.args(["-H", &format!("{k}: {v}")]);
+    }
+    cmd.args(["-d", body, url]);
+    let out = cmd
+        .output()
+        .context("run oha (cargo install oha --locked)")?;
+    if !out.status.success() {
+        bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("oha JSON")?;
+    let codes = v["statusCodeDistribution"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let ok = codes
+        .get("200")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let all: u64 = codes.values().filter_map(serde_json::Value::as_u64).sum();
+    Ok(Load {
+        requests_per_sec: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50_ms: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        p99_ms: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        ok,
+        other: all - ok,
+    })
+}
+
+/// Messages on the topic (sum of high watermarks).
+fn produced(brokers: &str, topic: &str) -> anyhow::Result<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let mut total = 0;
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
+            total += high - low;
+        }
+    }
+    Ok(total)
+}
+
+pub async fn run(brokers: &str, secs: u64) -> anyhow::Result<()> {
+    let topic = format!("auth.login.bench.{}", uuid::Uuid::new_v4().simple());
+    authsync::kafka::ensure_topics(&config(brokers, &topic, false), true).await?;
+    let body = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/clerk/session-created.json"
+    ))?;
+    let id = "msg_bench_1";
+    let ts = chrono::Utc::now().timestamp();
+    let signature = standardwebhooks::Webhook::new(SECRET)?.sign(id, ts, body.as_bytes())?;
+    let headers = vec![
+        ("svix-id".to_string(), id.to_string()),
+        ("svix-timestamp".to_string(), ts.to_string()),
+        ("svix-signature".to_string(), signature),
+        ("content-type".to_string(), "application/json".to_string()),
+    ];
+    let shutdown = CancellationToken::new();
+    let ceiling = authsync::ingest::start(&config(brokers, &topic, true), shutdown.clone()).await?;
+    let real = authsync::ingest::start(&config(brokers, &topic, false), shutdown.clone()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let url = |addr: std::net::SocketAddr| format!("http://{addr}/hooks/clerk-bench");
+    let (c_url, r_url) = (url(ceiling.addr), url(real.addr));
+    let before = produced(brokers, &topic)?;
+    let mut rows = Vec::new();
+    for (label, rate) in [("1,000 requests/s", Some(1000)), ("saturation", None)] {
+        let (c_url, r_url, body, headers) =
+            (c_url.clone(), r_url.clone(), body.clone(), headers.clone());
+        let (c, r) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Load, Load)> {
+            let c = oha(&c_url, &body, &headers, secs, rate)?;
+            let r = oha(&r_url, &body, &headers, secs, rate)?;
+            Ok((c, r))
+        })
+        .await??;
+        rows.push((label, c, r));
+    }
+    let after = produced(brokers, &topic)?;
+    let accepted: u64 = rows.iter().map(|(_, _, r)| r.ok).sum();
+    shutdown.cancel();
+    ceiling.wait().await?;
+    real.wait().await?;
+
+    println!("\n## ingest: signed Clerk webhooks → broker ack (mock cluster, oha -c 50, {secs} s per run)\n");
+    println!("| load | ceiling (verify + decode, no produce) req/s | p50 | p99 | ingest req/s | p50 | p99 | ratio | non-200 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, c, r) in &rows {
+        println!(
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.2} ms | {:.2} ms | {:.2} | {} |",
+            c.requests_per_sec,
+            c.p50_ms,
+            c.p99_ms,
+            r.requests_per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            r.requests_per_sec / c.requests_per_sec.max(1.0),
+            r.other
+        );
+    }
+    println!(
+        "\nproduced {} messages for {accepted} accepted requests ({})",
+        after - before,
+        if (after - before) as u64 == accepted {
+            "one each, none lost"
+        } else {
+            "MISMATCH"
+        }
+    );
+    Ok(())
+}
