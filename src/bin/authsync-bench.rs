@@ -1488,7 +1488,7 @@ async fn main() -> anyhow::Result<()> {
     let ev = bench.args.events;
     let run = |s: &str| s == scenario || scenario == "all";
     if scenario == "ingest" {
-        ingest::run(&bench.brokers, 20).await?;
+        ingest::run(&bench.brokers, mock.as_ref(), 20).await?;
     }
     if run("returning") {
         bench.returning(ev.unwrap_or(200_000)).await?;

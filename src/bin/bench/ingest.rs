@@ -97,7 +97,8 @@ fn oha(
     })
 }
 
-/// Messages on the topic (sum of high watermarks).
+/// Messages ever produced to the topic (sum of high watermarks: the mock cluster drops old
+/// segments, so the low watermark moves).
 fn produced(brokers: &str, topic: &str) -> anyhow::Result<i64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -106,16 +107,24 @@ fn produced(brokers: &str, topic: &str) -> anyhow::Result<i64> {
     let mut total = 0;
     for t in metadata.topics() {
         for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
-            total += high - low;
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
+            total += high;
         }
     }
     Ok(total)
 }
 
-pub async fn run(brokers: &str, secs: u64) -> anyhow::Result<()> {
+pub async fn run(
+    brokers: &str,
+    mock: Option<&rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>>,
+    secs: u64,
+) -> anyhow::Result<()> {
     let topic = format!("auth.login.bench.{}", uuid::Uuid::new_v4().simple());
-    authsync::kafka::ensure_topics(&config(brokers, &topic, false), true).await?;
+    match mock {
+        // The mock cluster takes topics from its owner, not through the admin API.
+        Some(cluster) => cluster.create_topic(&topic, 6, 1)?,
+        None => authsync::kafka::ensure_topics(&config(brokers, &topic, false), true).await?,
+    }
     let body = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/clerk/session-created.json"
