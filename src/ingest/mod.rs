@@ -553,7 +553,9 @@ fn unauthorized(
         .signature_failures
         .with_label_values(&[&endpoint.name, failure.as_str()])
         .inc();
-    tracing::warn!(endpoint = %endpoint.name, reason = failure.as_str(), "webhook request not authenticated");
+    // Debug, not warn: anyone can send requests, and each would otherwise be a log line.
+    // authsync_ingest_signature_failures_total is what to alert on.
+    tracing::debug!(endpoint = %endpoint.name, reason = failure.as_str(), "webhook request not authenticated");
     (
         "unauthorized",
         error(StatusCode::UNAUTHORIZED, "not authenticated"),

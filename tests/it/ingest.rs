@@ -180,6 +180,9 @@ fn workos_headers(secret: &str, millis: i64, body: &[u8]) -> Vec<(&'static str, 
     )]
 }
 
+/// Request headers as the tests send them.
+type Headers = Vec<(&'static str, String)>;
+
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -270,7 +273,7 @@ async fn bad_signatures_get_401_and_produce_nothing_and_a_rotated_secret_is_acce
     let wrong = "whsec_dGhpcyBpcyBub3QgdGhlIHNlY3JldCBhdCBhbGwh";
     let mut tampered = body.clone();
     tampered.extend_from_slice(b" ");
-    let cases: Vec<(&str, Vec<(&str, String)>, Vec<u8>)> = vec![
+    let cases: Vec<(&str, Headers, Vec<u8>)> = vec![
         (
             "wrong secret",
             svix_headers(wrong, "msg_a", now(), &body),
