@@ -35,7 +35,8 @@ pub enum ConfigError {
     InvalidConnection { connection: String, problem: String },
 }
 
-fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+/// A setting that cannot work (shared by the modules that compile parts of the config).
+pub(crate) fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
         problem: problem.into(),

@@ -305,13 +305,20 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let encoder = TextEncoder::new();
-        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
-            return String::new();
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        render(&self.registry)
     }
+}
+
+/// A registry in the Prometheus text format (empty if it cannot be encoded).
+pub fn render(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    if TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 impl Default for Metrics {

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::config::{ConfigError, TrustConfig};
+use crate::config::{invalid, ConfigError, TrustConfig};
 use crate::events::source::SourceCheck;
 use crate::events::LoginEvent;
 
@@ -47,13 +47,6 @@ impl Default for SourcePolicy {
             unsigned: Unsigned::Refuse,
             sources: HashMap::new(),
         }
-    }
-}
-
-fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        problem: problem.into(),
     }
 }
 

@@ -20,9 +20,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -39,10 +37,7 @@ use deliveries::{Kind, Outgoing, Refusal};
 const RETRY_AFTER_SECS: u64 = 5;
 
 fn invalid(problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: "ingest.endpoints",
-        problem: problem.into(),
-    }
+    crate::config::invalid("ingest.endpoints", problem)
 }
 
 fn endpoint_kind(
@@ -91,10 +86,10 @@ fn endpoint_kind(
 /// The checks that need no secret: run with every configuration load.
 pub fn check_config(config: &IngestConfig) -> Result<(), ConfigError> {
     if !(1024..=64 * 1024 * 1024).contains(&config.max_body_bytes) {
-        return Err(ConfigError::Invalid {
-            field: "ingest.max_body_bytes",
-            problem: "must be between 1024 and 67108864".into(),
-        });
+        return Err(crate::config::invalid(
+            "ingest.max_body_bytes",
+            "must be between 1024 and 67108864",
+        ));
     }
     if config.ack_timeout_ms == 0 || config.request_timeout_ms <= config.ack_timeout_ms {
         return Err(ConfigError::Invalid {
@@ -182,14 +177,7 @@ impl IngestMetrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .is_err()
-        {
-            return String::new();
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        crate::telemetry::render(&self.registry)
     }
 }
 
