@@ -1488,6 +1488,7 @@ async fn main() -> anyhow::Result<()> {
     let ev = bench.args.events;
     let run = |s: &str| s == scenario || scenario == "all";
     if scenario == "ingest" {
+        ingest::verify_cost(200_000)?;
         ingest::run(&bench.brokers, mock.as_ref(), 20).await?;
     }
     if run("returning") {

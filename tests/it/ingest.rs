@@ -691,3 +691,76 @@ async fn limits_unknown_endpoints_and_cloudevents_modes() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn ingest_refuses_to_start_without_what_it_needs() {
+    let base = {
+        let mut c = test_config("127.0.0.1:1", "postgres://unused@127.0.0.1/unused");
+        with_ingest(&mut c);
+        c
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        (
+            "signing_key is required",
+            Box::new(|c| c.ingest.signing_key = Secret::default()),
+        ),
+        (
+            "at least 32 bytes",
+            Box::new(|c| c.ingest.signing_key = Secret::new("short")),
+        ),
+        (
+            "AUTHSYNC_TEST_UNSET_VARIABLE is not set",
+            Box::new(|c| {
+                c.ingest
+                    .endpoints
+                    .get_mut("clerk-prod")
+                    .expect("endpoint")
+                    .secrets = vec![Secret::new("env:AUTHSYNC_TEST_UNSET_VARIABLE")]
+            }),
+        ),
+        (
+            "whsec_",
+            Box::new(|c| {
+                c.ingest
+                    .endpoints
+                    .get_mut("clerk-prod")
+                    .expect("endpoint")
+                    .secrets = vec![Secret::new("not base64 !!")]
+            }),
+        ),
+        (
+            "ingest.endpoints is empty",
+            Box::new(|c| c.ingest.endpoints.clear()),
+        ),
+    ];
+    for (needle, tweak) in cases {
+        let mut config = base.clone();
+        tweak(&mut config);
+        let err = match ingest::start(&config, CancellationToken::new()).await {
+            Ok(_) => panic!("started without {needle}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert!(
+            !err.contains(SOURCE_KEY) && !err.contains(CLERK_SECRET),
+            "no secret in errors: {err}"
+        );
+    }
+    // A bad endpoint is refused with every configuration load, naming it.
+    let mut config = base.clone();
+    config
+        .ingest
+        .endpoints
+        .insert("bad name/..".into(), endpoint("clerk", &[CLERK_SECRET]));
+    assert!(config
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("bad name/.."));
+    let mut config = base;
+    config
+        .ingest
+        .endpoints
+        .insert("x".into(), endpoint("myidp", &[CLERK_SECRET]));
+    assert!(config.validate().unwrap_err().to_string().contains("myidp"));
+}
