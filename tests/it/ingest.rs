@@ -56,6 +56,7 @@ pub fn with_ingest(config: &mut Config) {
         endpoint("firebase", &[FORWARDER_TOKEN]),
     );
     e.get_mut("firebase-fwd").expect("endpoint").auth = Some("token".into());
+    e.insert("keycloak-fwd".into(), endpoint("keycloak", &[CLERK_SECRET]));
     let mut ce = endpoint("cloudevents", &[FORWARDER_TOKEN]);
     ce.auth = Some("token".into());
     ce.providers = vec!["acme".into()];
@@ -72,6 +73,7 @@ pub fn with_ingest(config: &mut Config) {
         ("auth0-logs", "auth0"),
         ("auth0-actions", "auth0"),
         ("firebase-fwd", "firebase"),
+        ("keycloak-fwd", "keycloak"),
         ("acme-events", "acme"),
     ] {
         config.trust.sources.insert(
@@ -763,4 +765,35 @@ async fn ingest_refuses_to_start_without_what_it_needs() {
         .endpoints
         .insert("x".into(), endpoint("myidp", &[CLERK_SECRET]));
     assert!(config.validate().unwrap_err().to_string().contains("myidp"));
+}
+
+#[tokio::test]
+async fn a_standard_webhooks_forwarder_s_delivery_id_is_the_de_duplication_id() {
+    let h = Harness::with(with_ingest).await;
+    let server = IngestServer::start(&h.config).await;
+    let body = fixture("keycloak/login.json");
+    // A Keycloak event-listener forwarder signing with `webhook-*` headers, retried once
+    // (a new timestamp and signature, the same id, as the specification requires).
+    for delay in [0, 1] {
+        let hook = standardwebhooks::Webhook::new(CLERK_SECRET).expect("secret");
+        let ts = now() + delay;
+        let headers = vec![
+            ("webhook-id", "msg_kc_1".to_string()),
+            ("webhook-timestamp", ts.to_string()),
+            (
+                "webhook-signature",
+                hook.sign("msg_kc_1", ts, &body).expect("sign"),
+            ),
+        ];
+        let (status, reply, _) = server.post("keycloak-fwd", &headers, &body).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let messages = produced(&h, 2).await;
+    let logins = logins_of(&messages, "keycloak-fwd");
+    assert_eq!(logins.len(), 2);
+    assert!(
+        logins.iter().all(|e| e.event_id == "keycloak:msg_kc_1"),
+        "{logins:?}"
+    );
+    server.stop().await;
 }
