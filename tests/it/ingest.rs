@@ -182,6 +182,9 @@ fn workos_headers(secret: &str, millis: i64, body: &[u8]) -> Vec<(&'static str, 
     )]
 }
 
+/// A change to a configuration.
+type Tweak = Box<dyn Fn(&mut Config)>;
+
 /// Request headers as the tests send them.
 type Headers = Vec<(&'static str, String)>;
 
@@ -701,7 +704,7 @@ async fn ingest_refuses_to_start_without_what_it_needs() {
         with_ingest(&mut c);
         c
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+    let cases: Vec<(&str, Tweak)> = vec![
         (
             "signing_key is required",
             Box::new(|c| c.ingest.signing_key = Secret::default()),
