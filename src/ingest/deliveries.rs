@@ -107,27 +107,26 @@ fn native(
     let mut request_headers = adapter_headers(headers);
     request_headers.push((PROVIDER_HEADER.into(), provider.name().as_bytes().to_vec()));
     let timestamp = Some(verified.signed_at.unwrap_or(now));
-    // Auth0 log streams default to JSON lines: each line is a delivery of its own.
-    let documents: Vec<&[u8]> = if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
-        vec![body]
-    } else {
-        body.split(|b| *b == b'\n')
+    // Auth0 log streams default to JSON lines: each line is a delivery of its own. Each
+    // document is parsed here once (to count its events and to wrap it); the adapter reads
+    // the bytes.
+    let documents: Vec<(&[u8], Option<Value>)> = match serde_json::from_slice::<Value>(body) {
+        Ok(v) => vec![(body, Some(v))],
+        Err(_) => body
+            .split(|b| *b == b'\n')
             .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .collect()
+            .map(|l| (l, serde_json::from_slice(l).ok()))
+            .collect(),
     };
     let mut out = Split::default();
-    for document in documents {
+    for (document, parsed) in documents {
+        let count = parsed.as_ref().map_or(1, events_in);
         // A forwarder's Standard Webhooks id names the delivery for providers whose payload
         // has no id of its own: it rides as the envelope id (rule 2 of the adapters).
         let wrapped;
-        let value: &[u8] = match (&verified.delivery_id, provider) {
-            (Some(id), p) if p != Provider::Clerk && is_object(document) => {
-                wrapped = wrap(
-                    provider.name(),
-                    id,
-                    verified.signed_at.unwrap_or(now),
-                    document,
-                );
+        let value: &[u8] = match (&verified.delivery_id, parsed) {
+            (Some(id), Some(data @ Value::Object(_))) if provider != Provider::Clerk => {
+                wrapped = wrap(provider.name(), id, verified.signed_at.unwrap_or(now), data);
                 &wrapped
             }
             _ => document,
@@ -138,25 +137,15 @@ fn native(
             timestamp,
         };
         let decoded = providers::decode_login_message(message, max_bytes);
-        push(
-            &mut out,
-            endpoint,
-            provider.name(),
-            decoded,
-            document,
-            || undecodable(endpoint, provider.name(), document, verified, now),
-        );
+        push(&mut out, endpoint, provider.name(), decoded, count, || {
+            undecodable(endpoint, provider.name(), document, verified, now)
+        });
     }
     out
 }
 
-fn is_object(document: &[u8]) -> bool {
-    document.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
-}
-
 /// `authsync.native.<provider>` around a payload, lending it an id and a time.
-fn wrap(provider: &str, id: &str, time: DateTime<Utc>, document: &[u8]) -> Vec<u8> {
-    let data: Value = serde_json::from_slice(document).unwrap_or(Value::Null);
+fn wrap(provider: &str, id: &str, time: DateTime<Utc>, data: Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "specversion": "1.0",
         "id": id,
@@ -173,12 +162,12 @@ fn push(
     endpoint: &str,
     provider: &str,
     decoded: Result<Vec<LoginEvent>, DecodeError>,
-    document: &[u8],
+    events_in_document: usize,
     kept: impl FnOnce() -> Outgoing,
 ) {
     match decoded {
         Ok(events) => {
-            out.dropped += batch_len(document).saturating_sub(events.len());
+            out.dropped += events_in_document.saturating_sub(events.len());
             for event in &events {
                 if out.seen.insert(event.event_id.clone()) {
                     out.messages.push(login_message(event));
@@ -195,14 +184,13 @@ fn push(
 
 /// How many provider events a document holds: an Okta hook's `data.events`, an Auth0 log
 /// batch's entries, else one (for the count of events dropped as not logins).
-fn batch_len(document: &[u8]) -> usize {
-    match serde_json::from_slice::<Value>(document) {
-        Ok(Value::Array(items)) => items.len(),
-        Ok(v) => v
+fn events_in(document: &Value) -> usize {
+    match document {
+        Value::Array(items) => items.len(),
+        v => v
             .pointer("/data/events")
             .and_then(Value::as_array)
             .map_or(1, Vec::len),
-        Err(_) => 1,
     }
 }
 
@@ -340,16 +328,14 @@ fn cloudevents(
             .to_string();
         // A broken CloudEvent goes on as it came (secrets removed), so the worker names
         // the same error.
-        push(&mut out, endpoint, &provider, decoded, &bytes, || {
-            Outgoing {
-                key: format!(
-                    "{provider}:undecodable:{}",
-                    event.get("id").and_then(Value::as_str).unwrap_or("-")
-                ),
-                value: redact::strip_bytes(&bytes).unwrap_or_else(|| bytes.clone()),
-                provider: provider.clone(),
-                login: false,
-            }
+        push(&mut out, endpoint, &provider, decoded, 1, || Outgoing {
+            key: format!(
+                "{provider}:undecodable:{}",
+                event.get("id").and_then(Value::as_str).unwrap_or("-")
+            ),
+            value: redact::strip_bytes(&bytes).unwrap_or_else(|| bytes.clone()),
+            provider: provider.clone(),
+            login: false,
         });
     }
     Ok(out)
