@@ -277,3 +277,62 @@ async fn secrets_in_unsigned_payloads_are_not_dead_lettered() {
     );
     h.stop().await;
 }
+
+/// A signed login from a source the workers did not list yet is refused and kept; once the
+/// source is listed, the redriven copy still verifies (the dead letter kept its bytes and
+/// headers) and is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_signed_login_is_applied_by_a_redrive_once_its_source_is_trusted() {
+    use authsync::ops::dlq::{self, RedriveRequest};
+    let mut h = Harness::with(|c| {
+        with_ingest(c);
+        c.trust.sources.remove("clerk-prod");
+    })
+    .await;
+    h.start().await;
+    let value = login(
+        "late-source-1",
+        T,
+        json!({"provider": "clerk", "subject": "user_late", "email": "late@example.com", "isEmailVerified": true}),
+    );
+    let headers = signed("clerk-prod", "clerk:user_late", &value);
+    let refs: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    h.produce_with("clerk:user_late", &value, None, &refs).await;
+    h.wait_handled(1).await;
+    h.wait_published().await;
+    h.stop().await;
+    assert_eq!(h.db.count("SELECT count(*) FROM users").await, 0);
+    let dlq_topic = h.config.topics.dlq_for(&h.config.topics.login);
+    let letters = dlq::read_all(&h.config, &dlq_topic, None).expect("read");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].class(), "untrusted_source");
+
+    // The fix: list the source.
+    h.config.trust.sources.insert(
+        "clerk-prod".into(),
+        TrustedSourceConfig {
+            providers: vec!["clerk".into()],
+            email_verified: true,
+            groups: true,
+        },
+    );
+    h.start().await;
+    let request = RedriveRequest {
+        topic: dlq_topic,
+        filter_class: Some("untrusted_source".into()),
+        limit: None,
+        dry_run: false,
+    };
+    let outcome = dlq::redrive(&h.config, &h.db.pool, &request, false)
+        .await
+        .expect("redrive");
+    assert_eq!(outcome.redriven.get("untrusted_source"), Some(&1));
+    wait_for("redriven login applied", || async {
+        h.db.count("SELECT count(*) FROM users").await == 1
+    })
+    .await;
+    h.stop().await;
+}
