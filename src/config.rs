@@ -892,7 +892,7 @@ impl Config {
         crate::domain::identity::IdentityPolicy::compile(&self.identity)?;
         crate::domain::trust::SourcePolicy::compile(&self.trust)?;
         for id in self.trust.keys.keys() {
-            if id.is_empty() || id.contains([',', ' ']) {
+            if !crate::events::source::is_valid_key_id(id) {
                 return Err(invalid(
                     "trust.keys",
                     format!("key id `{id}` must be non-empty, without commas or spaces"),

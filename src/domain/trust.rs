@@ -106,26 +106,33 @@ impl SourcePolicy {
         self.unsigned
     }
 
-    /// Decides for a login of `provider` whose message's signature check said `check`.
-    pub fn admit(&self, check: &SourceCheck, provider: &str) -> Admission {
-        let unsigned = |why: String| {
-            match self.unsigned {
+    /// What `trust.unsigned` says; the reason is only written for a refusal (this runs for
+    /// every login, and most deployments trust or refuse without looking at it).
+    fn for_unsigned(&self, why: impl FnOnce() -> String) -> Admission {
+        match self.unsigned {
             Unsigned::Trusted => Admission::Full,
             Unsigned::Restricted => Admission::Restricted {
                 email_verified: false,
                 groups: false,
             },
             Unsigned::Refuse => Admission::Refused(format!(
-                "{why} and trust.unsigned is `refuse`: send it through `authsync ingest`, or list its source under trust.sources"
+                "{} and trust.unsigned is `refuse`: send it through `authsync ingest`, or list its source under trust.sources",
+                why()
             )),
         }
-        };
+    }
+
+    /// Decides for a login of `provider` whose message's signature check said `check`.
+    pub fn admit(&self, check: &SourceCheck, provider: &str) -> Admission {
         match check {
             // A forged or edited signature is never benign, whatever the unsigned policy.
             SourceCheck::Invalid(reason) => Admission::Refused(reason.clone()),
-            SourceCheck::Unsigned => unsigned("the message carries no source signature".into()),
+            SourceCheck::Unsigned => {
+                self.for_unsigned(|| "the message carries no source signature".into())
+            }
             SourceCheck::Verified(source) => match self.sources.get(source) {
-                None => unsigned(format!("signed source `{source}` is not in trust.sources")),
+                None => self
+                    .for_unsigned(|| format!("signed source `{source}` is not in trust.sources")),
                 Some(grant) => {
                     if grant
                         .providers

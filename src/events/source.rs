@@ -34,6 +34,11 @@ fn mac(key: &[u8], source: &str, kafka_key: &[u8], value: &[u8]) -> HmacSha256 {
     mac
 }
 
+/// A key id fits in the signature header: non-empty, no commas, spaces or control characters.
+pub fn is_valid_key_id(id: &str) -> bool {
+    !id.is_empty() && !id.contains([',', ' ']) && !id.chars().any(char::is_control)
+}
+
 /// A resolved key with its id.
 #[derive(Clone)]
 pub struct SigningKey {
@@ -56,7 +61,7 @@ impl SigningKey {
                 "{field}: a source signing key needs at least {MIN_KEY_BYTES} bytes"
             ));
         }
-        if id.is_empty() || id.contains([',', ' ']) || id.chars().any(char::is_control) {
+        if !is_valid_key_id(id) {
             return Err(format!(
                 "{field}: key id `{id}` must be non-empty, without commas or spaces"
             ));

@@ -64,7 +64,7 @@ fn adapter_headers(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
                     | "lambda-request-id"
                     | "x-amzn-requestid"
                     | "x-amz-request-id"
-            ) && !redact::is_secret_header(n)
+            )
         })
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect()
@@ -126,7 +126,8 @@ fn native(
         let wrapped;
         let value: &[u8] = match (&verified.delivery_id, parsed) {
             (Some(id), Some(data @ Value::Object(_))) if provider != Provider::Clerk => {
-                wrapped = wrap(provider.name(), id, verified.signed_at.unwrap_or(now), data);
+                let time = verified.signed_at.unwrap_or(now);
+                wrapped = wrap(provider.name(), provider.name(), id, time, data);
                 &wrapped
             }
             _ => document,
@@ -144,12 +145,13 @@ fn native(
     out
 }
 
-/// `authsync.native.<provider>` around a payload, lending it an id and a time.
-fn wrap(provider: &str, id: &str, time: DateTime<Utc>, data: Value) -> Vec<u8> {
+/// `authsync.native.<provider>` around a payload, lending it an id and a time; `source`
+/// names who sent it (`authsync-ingest/<source>`).
+fn wrap(provider: &str, source: &str, id: &str, time: DateTime<Utc>, data: Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "specversion": "1.0",
         "id": id,
-        "source": format!("authsync-ingest/{provider}"),
+        "source": format!("authsync-ingest/{source}"),
         "type": format!("{NATIVE_TYPE_PREFIX}{provider}"),
         "time": time.to_rfc3339(),
         "data": data,
@@ -223,18 +225,9 @@ fn undecodable(
         .delivery_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let value = serde_json::to_vec(&json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": format!("authsync-ingest/{endpoint}"),
-        "type": format!("{NATIVE_TYPE_PREFIX}{provider}"),
-        "time": now.to_rfc3339(),
-        "data": data,
-    }))
-    .unwrap_or_default();
     Outgoing {
         key: format!("{provider}:undecodable:{id}"),
-        value,
+        value: wrap(provider, endpoint, &id, now, data),
         provider: provider.to_string(),
         login: false,
     }

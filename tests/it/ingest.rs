@@ -223,7 +223,8 @@ fn logins_of(messages: &[Output], source: &str) -> Vec<LoginEvent> {
         .collect()
 }
 
-fn fixture(path: &str) -> Vec<u8> {
+/// A file of `tests/fixtures/`.
+pub fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(format!(
         "{}/tests/fixtures/{path}",
         env!("CARGO_MANIFEST_DIR")

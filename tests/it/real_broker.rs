@@ -225,11 +225,7 @@ providers = ["clerk"]
             .is_ok_and(|r| r.status().is_success())
     })
     .await;
-    let body = std::fs::read(format!(
-        "{}/tests/fixtures/clerk/user-created.json",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("fixture");
+    let body = crate::ingest::fixture("clerk/user-created.json");
     let mut request = http
         .post(format!("{base}/hooks/clerk-prod"))
         .body(body.clone());

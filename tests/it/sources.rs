@@ -43,11 +43,7 @@ async fn unsigned_logins_are_refused_by_default_and_what_ingest_signs_is_applied
     );
     h.produce("clerk:user_attacker", &forged).await;
     let server = IngestServer::start(&h.config).await;
-    let body = std::fs::read(format!(
-        "{}/tests/fixtures/clerk/user-created.json",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("fixture");
+    let body = crate::ingest::fixture("clerk/user-created.json");
     let now = chrono::Utc::now().timestamp();
     let (status, reply, _) = server
         .post(
@@ -234,14 +230,8 @@ async fn restricted_logins_apply_but_neither_link_nor_grant_roles() {
 async fn secrets_in_unsigned_payloads_are_not_dead_lettered() {
     let mut h = Harness::with(with_ingest).await;
     h.start().await;
-    let mut action: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(format!(
-            "{}/tests/fixtures/auth0/post-login.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect("fixture"),
-    )
-    .expect("json");
+    let mut action: serde_json::Value =
+        serde_json::from_slice(&crate::ingest::fixture("auth0/post-login.json")).expect("json");
     action["secrets"] = json!({"STRIPE_KEY": "sk_live_LEAK"});
     action["request"]["body"] = json!({"password": "hunter2-LEAK"});
     let value = serde_json::to_vec(&action).expect("json");
