@@ -77,8 +77,11 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let pool = self.pool.clone();
-        // Drop needs async work: do it on a thread with its own small runtime.
+        // Drop needs async work: do it on a thread with its own small runtime. The test's
+        // pool is NOT closed from there: its connections belong to the test's runtime, which
+        // is blocked in this very `drop` (a current-thread test could never drive their I/O:
+        // a CI run hung for 74 minutes that way). `WITH (FORCE)` ends them server-side, and
+        // the pool is dropped with the test's runtime. The whole clean-up is bounded.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -87,16 +90,20 @@ impl Drop for TestDb {
                 return;
             };
             rt.block_on(async move {
-                pool.close().await;
-                if let Ok(admin) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&admin_url())
-                    .await
-                {
-                    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&admin)
-                        .await;
-                }
+                let drop_database = async {
+                    if let Ok(admin) = PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect(&admin_url())
+                        .await
+                    {
+                        let _ =
+                            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&admin)
+                                .await;
+                        admin.close().await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(30), drop_database).await;
             });
         })
         .join();
