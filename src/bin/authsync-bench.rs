@@ -35,16 +35,21 @@ mod ingest;
 #[derive(Parser)]
 #[command(about = "Benchmark authsync against the machine's ceiling")]
 struct Args {
-    /// returning | signup | replay | relay | merge | latency | all, or `soak` (not in `all`:
+    /// returning | signup | replay | relay | merge | latency | mixed | all, or `soak` (not in `all`:
     /// `--minutes` at `--rate` logins/s through the real binary, with a short retention), or
     /// `ingest` (not in `all`: signed webhooks through `authsync ingest`, driven by `oha`)
     scenario: String,
     /// soak: how long to run.
     #[arg(long, default_value_t = 30)]
     minutes: u64,
-    /// soak: logins per second.
+    /// soak, latency and mixed: logins per second.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
+    /// `mock` (librdkafka's mock cluster hosted in this process: a broker whose floor is far
+    /// below the worker's latency) or `tansu` (a real broker process started here). Default:
+    /// mock for latency, mixed, soak and ingest; tansu for the throughput scenarios.
+    #[arg(long)]
+    broker: Option<String>,
     /// Events for the scenario (defaults: returning 200000, signup 50000, replay 200000,
     /// relay 200000, latency 60000 = 1000/s for 60 s).
     #[arg(long)]
@@ -73,6 +78,8 @@ struct Bench {
     authsync_bin: std::path::PathBuf,
     /// The tansu process the bench started (none with `--brokers`).
     broker_pid: Option<u32>,
+    /// The mock cluster hosted here (`--broker mock`); it takes topics from its owner only.
+    mock: Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
 }
 
 struct Db {
@@ -241,10 +248,22 @@ impl Bench {
     }
 
     async fn create_topics(&self, config: &Config) -> anyhow::Result<()> {
+        self.create_named_topics(&config.topics.all()).await
+    }
+
+    /// Creates `names` (dead-letter topics with one partition, the others with
+    /// `--partitions`), through the mock cluster when it is the broker.
+    async fn create_named_topics(&self, names: &[String]) -> anyhow::Result<()> {
+        if let Some(cluster) = &self.mock {
+            for t in names {
+                let partitions = if t.ends_with(".dlq") { 1 } else { self.args.partitions };
+                cluster.create_topic(t, partitions, 1)?;
+            }
+            return Ok(());
+        }
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .create()?;
-        let names = config.topics.all();
         // Dead-letter topics need no parallelism.
         let topics: Vec<NewTopic> = names
             .iter()
@@ -267,32 +286,7 @@ impl Bench {
     }
 
     async fn produce(&self, topic: &str, messages: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("linger.ms", "20")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("compression.type", "lz4")
-            .create()?;
-        for chunk in messages.chunks(20_000) {
-            let futures: Vec<_> = chunk
-                .iter()
-                .map(|(k, v)| {
-                    producer
-                        .send_result(FutureRecord::to(topic).key(k).payload(v))
-                        .map_err(|(e, _)| e)
-                })
-                .collect();
-            for f in futures {
-                match f {
-                    Ok(d) => {
-                        d.await?.map_err(|(e, _)| e)?;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-        Ok(())
+        produce_to(&self.brokers, topic, messages).await
     }
 
     fn spawn_worker(&self, config: &Config) -> anyhow::Result<Child> {
@@ -993,20 +987,15 @@ impl Bench {
         &self,
         config: &Config,
         n: usize,
-    ) -> anyhow::Result<(f64, f64, Option<f64>)> {
+    ) -> anyhow::Result<Floor> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let rate = self.args.rate.max(1) as usize;
         let (input, output) = (
             format!("bench.floor-in.{suffix}"),
             format!("bench.floor-out.{suffix}"),
         );
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()?;
-        let topics: Vec<NewTopic<'_>> = [&input, &output]
-            .into_iter()
-            .map(|t| NewTopic::new(t, self.args.partitions, TopicReplication::Fixed(1)))
-            .collect();
-        admin.create_topics(&topics, &AdminOptions::new()).await?;
+        self.create_named_topics(&[input.clone(), output.clone()])
+            .await?;
         let mut forwarder_config = config.clone();
         forwarder_config.kafka.group_id = format!("bench-forwarder-{suffix}");
         let forwarder: StreamConsumer =
@@ -1050,21 +1039,27 @@ impl Bench {
         let sender = tokio::spawn({
             let (producer, topic) = (producer.clone(), input.clone());
             async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(1));
-                for i in 0..n {
+                let per_tick = (rate / 1000).max(1);
+                let period = Duration::from_micros((1_000_000 * per_tick / rate) as u64);
+                let mut tick = tokio::time::interval(period);
+                let mut i = 0;
+                while i < n {
                     tick.tick().await;
-                    let sent = format!("{:<600}", t0.elapsed().as_micros());
-                    let key = format!("k-{}", i % 1000);
-                    if let Ok(d) =
-                        producer.send_result(FutureRecord::to(&topic).key(&key).payload(&sent))
-                    {
-                        drop(d);
+                    for _ in 0..per_tick.min(n - i) {
+                        let sent = format!("{:<600}", t0.elapsed().as_micros());
+                        let key = format!("k-{}", i % 1000);
+                        if let Ok(d) = producer
+                            .send_result(FutureRecord::to(&topic).key(&key).payload(&sent))
+                        {
+                            drop(d);
+                        }
+                        i += 1;
                     }
                 }
             }
         });
         let mut latencies = Vec::with_capacity(n);
-        let deadline = Instant::now() + Duration::from_secs(n as u64 / 500 + 30);
+        let deadline = Instant::now() + Duration::from_secs((n / rate) as u64 + 30);
         while latencies.len() < n && Instant::now() < deadline {
             let m = tokio::select! {
                 m = reader.recv() => m?,
@@ -1083,63 +1078,137 @@ impl Bench {
         forwarding.await?;
         latencies.sort_by(|a, b| a.total_cmp(b));
         let pct = |q: f64| percentile(&latencies, q);
-        Ok((pct(0.5), pct(0.99), broker_cores))
+        Ok(Floor {
+            p50: pct(0.5),
+            p99: pct(0.99),
+            cores: broker_cores,
+        })
     }
 
-    /// 1k events/s paced; latency = produce → result event readable on the output topic.
+    /// `--rate` logins/s paced; latency = produce → result readable on the output topic,
+    /// beside the broker's two-hop floor measured in the same run.
     async fn latency(&self, n: usize) -> anyhow::Result<()> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let db = Db::create(&self.args.database_url).await?;
-        let mut config = self.config(&db, &suffix, free_port()?);
-        config.consumer.batch_size = self.args.batch_size;
+        let config = self.config(&db, &suffix, free_port()?);
         progress("latency: broker floor (two hops through a forwarder, no database)");
-        let (floor_p50, floor_p99, floor_broker_cores) = self.broker_floor(&config, n).await?;
+        let floor = self.broker_floor(&config, n).await?;
         progress("latency: the pipeline");
-        self.create_topics(&config).await?;
-        let mut child = self.spawn_worker(&config)?;
+        let run = self.live_latency(&config, &db, n, None).await?;
+        run.report("latency", &floor, serde_json::json!({}));
+        db.drop().await;
+        Ok(())
+    }
+
+    /// `--rate` logins/s for 60 s while, from the 10th second, `replayed` old events (all
+    /// applied before, as a rewind re-reads them) are delivered again on the same topic.
+    async fn mixed(&self, replayed: usize) -> anyhow::Result<()> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let db = Db::create(&self.args.database_url).await?;
+        let config = self.config(&db, &suffix, free_port()?);
+        let n = 60 * self.args.rate as usize;
+        progress("mixed: broker floor (two hops through a forwarder, no database)");
+        let floor = self.broker_floor(&config, n).await?;
+        // The old events, applied directly (the same step) and their results published
+        // long ago: a replay finds each in the inbox and announces nothing.
+        progress("mixed: applying the events to be replayed");
+        let old = logins(
+            &format!("m-{suffix}"),
+            (replayed / 10).max(1),
+            replayed,
+            0,
+        );
+        self.ceiling(&db.pool, &config, &old).await?;
+        sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+        progress("mixed: live logins with a replay from the 10th second");
+        let run = self.live_latency(&config, &db, n, Some(old)).await?;
+        run.report("mixed", &floor, serde_json::json!({"replayed": replayed}));
+        db.drop().await;
+        Ok(())
+    }
+
+    /// Runs the worker over `n` logins paced at `--rate`, each timed from its send to its
+    /// `user.synced` on the output topic; with `replay`, those events are produced again
+    /// (as fast as the producer goes) once a sixth of the logins are out.
+    async fn live_latency(
+        &self,
+        config: &Config,
+        db: &Db,
+        n: usize,
+        replay: Option<Vec<(String, Vec<u8>)>>,
+    ) -> anyhow::Result<LatencyRun> {
+        let rate = self.args.rate.max(1) as usize;
+        self.create_topics(config).await?;
+        let mut child = self.spawn_worker(config)?;
         let pid = child.id();
         let reader = self.latency_reader(
-            &format!("bench-reader-{suffix}"),
+            &format!("bench-reader-{}", config.kafka.group_id),
             &config.topics.user_events,
         )?;
         // The worker and the reader join their groups before the clock starts.
         Self::joined(&reader).await?;
-        self.worker_joined(&config).await?;
+        self.worker_joined(config).await?;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "0")
             .create()?;
         Self::warmed(&producer, &config.topics.login).await?;
+        // id -> (send time, sent while the replay was being delivered or drained)
         let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
         let users = 1000;
         let broker_cpu_before = self.broker_cpu_secs();
         let t0 = Instant::now();
+        let replay_window: Arc<std::sync::Mutex<Option<(Instant, Instant)>>> = Arc::default();
         let sender = {
             let (sent, topic, producer) =
                 (sent.clone(), config.topics.login.clone(), producer.clone());
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(1));
-                for i in 0..n {
+                // One tick per ms; `rate / 1000` logins per tick (at least one).
+                let per_tick = (rate / 1000).max(1);
+                let period = Duration::from_micros((1_000_000 * per_tick / rate) as u64);
+                let mut tick = tokio::time::interval(period);
+                let mut i = 0;
+                while i < n {
                     tick.tick().await;
-                    let id = format!("l-{i}");
-                    let key = format!("bench:user-{}", i % users);
-                    // Wall-clock event times let the database tell the stages apart.
-                    let now =
-                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                    let value = login_value(&id, i % users, i, &now);
-                    if let Ok(mut s) = sent.lock() {
-                        s.insert(id, Instant::now());
-                    }
-                    if let Ok(d) =
-                        producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                    {
-                        drop(d);
+                    for _ in 0..per_tick.min(n - i) {
+                        let id = format!("l-{i}");
+                        let key = format!("bench:user-{}", i % users);
+                        // Wall-clock event times: never stale against the replayed ones.
+                        let now = chrono::Utc::now()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                        let value = login_value(&id, i % users, i, &now);
+                        if let Ok(mut s) = sent.lock() {
+                            s.insert(id, Instant::now());
+                        }
+                        if let Ok(d) = producer
+                            .send_result(FutureRecord::to(&topic).key(&key).payload(&value))
+                        {
+                            drop(d);
+                        }
+                        i += 1;
                     }
                 }
             })
         };
-        let mut latencies = Vec::with_capacity(n);
-        let deadline = Instant::now() + Duration::from_secs(n as u64 / 500 + 60);
+        let replaying = replay.map(|events| {
+            let (window, topic, wait) = (
+                replay_window.clone(),
+                config.topics.login.clone(),
+                Duration::from_secs_f64(n as f64 / rate as f64 / 6.0),
+            );
+            let brokers = self.brokers.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let started = Instant::now();
+                let result = produce_to(&brokers, &topic, &events).await;
+                if let Ok(mut w) = window.lock() {
+                    *w = Some((started, Instant::now()));
+                }
+                result
+            })
+        });
+        let mut latencies: Vec<(Instant, f64)> = Vec::with_capacity(n);
+        let deadline = Instant::now() + Duration::from_secs((n / rate) as u64 + 60);
         while latencies.len() < n && Instant::now() < deadline {
             let m = tokio::select! {
                 m = reader.recv() => m?,
@@ -1151,38 +1220,168 @@ impl Bench {
             }
             let cause = v["causationid"].as_str().unwrap_or_default();
             if let Some(t) = sent.lock().ok().and_then(|s| s.get(cause).copied()) {
-                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                latencies.push((t, t.elapsed().as_secs_f64() * 1000.0));
             }
         }
+        let elapsed = t0.elapsed();
         sender.await?;
+        if let Some(r) = replaying {
+            r.await??;
+        }
         let broker_secs = self.broker_cpu_secs_since(broker_cpu_before);
-        let broker_cores = broker_secs.map(|secs| cores(secs, t0));
         let rss = peak_rss(pid);
-        let cpu = Cpu::of(pid, &db, broker_secs).await;
-        // The worker's own view: transaction start -> broker ack, and batch sizes / times.
+        let cpu = Cpu::of(pid, db, broker_secs).await;
         let worker = scrape(config.http.listen).await.unwrap_or_default();
-        let w = WorkerStats::of(&worker);
-        let tenth = |v: f64| (v * 10.0).round() / 10.0;
-        let hundredth = |v: f64| (v * 100.0).round() / 100.0;
-        let stages = serde_json::json!({
-            "produce_to_batch_p50_ms": tenth(w.consume_p50_ms),
-            "produce_to_batch_p99_ms": tenth(w.consume_p99_ms),
-            "tx_to_ack_p50_ms": tenth(w.delay_p50_ms),
-            "tx_to_ack_p99_ms": tenth(w.delay_p99_ms),
-            "batch_avg_size": tenth(w.batch_avg_size),
-            "batch_avg_ms": tenth(w.batch_avg_ms),
-            "batch_p99_ms": tenth(w.batch_p99_ms),
-        });
-        let stages = merge(stages, cpu.json(n));
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        latencies.sort_by(|a, b| a.total_cmp(b));
-        let pct = |q: f64| percentile(&latencies, q);
-        Report { scenario: "latency", events: latencies.len(), secs: n as f64 / 1000.0, ceiling_secs: None, p50: pct(0.5), p99: pct(0.99), rss, extra: merge(serde_json::json!({"rate_per_s": 1000, "latency": "produce -> result readable on output topic", "received": latencies.len(), "sent": n, "broker_floor_p50_ms": tenth(floor_p50), "broker_floor_p99_ms": tenth(floor_p99), "p50_over_floor": hundredth(pct(0.5) / floor_p50), "p99_over_floor": hundredth(pct(0.99) / floor_p99), "broker_floor_cores": floor_broker_cores.map(hundredth), "broker_cores": broker_cores.map(hundredth)}), stages) }.print();
-        db.drop().await;
-        Ok(())
+        // Logins sent from the replay's first message until 5 s after its last: those
+        // that could queue behind it.
+        let window = replay_window.lock().ok().and_then(|w| *w);
+        let during: Vec<f64> = window
+            .map(|(from, to)| {
+                latencies
+                    .iter()
+                    .filter(|(t, _)| *t >= from && *t <= to + Duration::from_secs(5))
+                    .map(|(_, l)| *l)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(LatencyRun {
+            sent: n,
+            rate,
+            latencies: latencies.into_iter().map(|(_, l)| l).collect(),
+            during_replay: window.map(|(from, to)| (during, (to - from).as_secs_f64())),
+            stats: WorkerStats::of(&worker),
+            rss,
+            cpu,
+            batch_in_flight_avg: sum_metric(&worker, "authsync_batch_duration_seconds_sum")
+                / elapsed.as_secs_f64().max(1e-9),
+            broker_cores: broker_secs.map(|secs| secs / elapsed.as_secs_f64().max(1e-9)),
+        })
+    }
+}
+
+/// Produces `messages` to `topic` as fast as the producer goes (batched, lz4), awaiting
+/// every delivery.
+async fn produce_to(
+    brokers: &str,
+    topic: &str,
+    messages: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .create()?;
+    for chunk in messages.chunks(20_000) {
+        let futures: Vec<_> = chunk
+            .iter()
+            .map(|(k, v)| {
+                producer
+                    .send_result(FutureRecord::to(topic).key(k).payload(v))
+                    .map_err(|(e, _)| e)
+            })
+            .collect();
+        for f in futures {
+            f?.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    Ok(())
+}
+
+/// One paced latency run (see [`Bench::live_latency`]).
+struct LatencyRun {
+    sent: usize,
+    rate: usize,
+    /// Produce → `user.synced` readable, ms, per login received.
+    latencies: Vec<f64>,
+    /// The latencies of logins sent during the replay (and 5 s after), and how long its
+    /// delivery took, s.
+    during_replay: Option<(Vec<f64>, f64)>,
+    stats: WorkerStats,
+    rss: u64,
+    cpu: Cpu,
+    /// Batches in flight on average (seconds in batches over the run's seconds).
+    batch_in_flight_avg: f64,
+    broker_cores: Option<f64>,
+}
+
+/// The broker's two-hop floor of the same run (see [`Bench::broker_floor`]).
+struct Floor {
+    p50: f64,
+    p99: f64,
+    cores: Option<f64>,
+}
+
+fn quantiles(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let tenth = |x: f64| (x * 10.0).round() / 10.0;
+    serde_json::json!({
+        "p50_ms": tenth(percentile(&v, 0.5)),
+        "p90_ms": tenth(percentile(&v, 0.9)),
+        "p99_ms": tenth(percentile(&v, 0.99)),
+        "max_ms": tenth(v.last().copied().unwrap_or(0.0)),
+        "n": v.len(),
+    })
+}
+
+impl LatencyRun {
+    fn report(self, scenario: &'static str, floor: &Floor, extra: serde_json::Value) {
+        let tenth = |v: f64| (v * 10.0).round() / 10.0;
+        let hundredth = |v: f64| (v * 100.0).round() / 100.0;
+        let w = &self.stats;
+        let pipeline = quantiles(self.latencies.clone());
+        let mut sorted = self.latencies;
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
+        let during = self.during_replay.map(|(d, secs)| {
+            merge(
+                quantiles(d),
+                serde_json::json!({"replay_delivery_secs": tenth(secs)}),
+            )
+        });
+        Report {
+            scenario,
+            events: sorted.len(),
+            secs: self.sent as f64 / self.rate as f64,
+            ceiling_secs: None,
+            p50,
+            p99,
+            rss: self.rss,
+            extra: merge(
+                merge(
+                    serde_json::json!({
+                        "rate_per_s": self.rate,
+                        "latency": "produce -> user.synced readable on the output topic",
+                        "sent": self.sent,
+                        "pipeline": pipeline,
+                        "during_replay": during,
+                        "floor_two_hops": {"p50_ms": tenth(floor.p50), "p99_ms": tenth(floor.p99)},
+                        "p50_over_floor": hundredth(p50 / floor.p50.max(1e-9)),
+                        "p99_over_floor": hundredth(p99 / floor.p99.max(1e-9)),
+                        "stages": {
+                            "produce_to_batch_p50_ms": tenth(w.consume_p50_ms),
+                            "produce_to_batch_p99_ms": tenth(w.consume_p99_ms),
+                            "batch_avg_size": tenth(w.batch_avg_size),
+                            "batch_avg_ms": tenth(w.batch_avg_ms),
+                            "batch_p99_ms": tenth(w.batch_p99_ms),
+                            "batches_in_flight_avg": hundredth(self.batch_in_flight_avg),
+                            "tx_to_ack_p50_ms": tenth(w.delay_p50_ms),
+                            "tx_to_ack_p99_ms": tenth(w.delay_p99_ms),
+                        },
+                        "broker_floor_cores": floor.cores.map(hundredth),
+                        "broker_cores": self.broker_cores.map(hundredth),
+                    }),
+                    self.cpu.json(self.sent),
+                ),
+                extra,
+            ),
+        }
+        .print();
     }
 }
 
@@ -1297,12 +1496,7 @@ impl Bench {
     /// run, at least two minutes: connection pools, statement caches and jemalloc's arenas
     /// fill up) and lag, backlog and inbox stay bounded (at most 30 s, 10 s and 120 s of
     /// input).
-    async fn soak(
-        &self,
-        mock: Option<
-            &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-        >,
-    ) -> anyhow::Result<bool> {
+    async fn soak(&self) -> anyhow::Result<bool> {
         let (minutes, rate) = (self.args.minutes.max(3), self.args.rate.max(1));
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let db = Db::create(&self.args.database_url).await?;
@@ -1310,14 +1504,7 @@ impl Bench {
         config.relay.inbox_retention_hours = 0;
         config.relay.outbox_retention_hours = 0;
         config.relay.cleanup_interval_secs = 10;
-        match mock {
-            Some(cluster) => {
-                for topic in config.topics.all() {
-                    cluster.create_topic(&topic, self.args.partitions, 1)?;
-                }
-            }
-            None => self.create_topics(&config).await?,
-        }
+        self.create_topics(&config).await?;
         let mut child = self.spawn_worker(&config)?;
         let pid = child.id();
         self.worker_joined(&config).await?;
@@ -1445,13 +1632,24 @@ async fn main() -> anyhow::Result<()> {
         bail!("cannot build the authsync binary");
     }
     let mut broker = Broker(None);
-    // The soak runs against librdkafka's mock cluster hosted here unless --brokers is
-    // given: tansu's in-memory store slows down as it fills (its fetch lists every stored
-    // batch), and after ~6 minutes at 1,000/s its metadata requests took over 3 s.
+    // The latency scenarios, the soak and the ingest run against librdkafka's mock cluster
+    // hosted here unless told otherwise: its two-hop floor is a few ms where tansu's is
+    // hundreds (it would hide the worker), and tansu's in-memory store slows down as it
+    // fills (its fetch lists every stored batch; after ~6 minutes at 1,000/s its metadata
+    // requests took over 3 s).
+    let use_mock = match args.broker.as_deref() {
+        Some("mock") => true,
+        Some("tansu") => false,
+        Some(other) => bail!("--broker {other}: expected mock or tansu"),
+        None => matches!(
+            args.scenario.as_str(),
+            "soak" | "ingest" | "latency" | "mixed"
+        ),
+    };
     let mut mock = None;
     let brokers = match &args.brokers {
         Some(b) => b.clone(),
-        None if args.scenario == "soak" || args.scenario == "ingest" => {
+        None if use_mock => {
             let cluster = rdkafka::mocking::MockCluster::new(1)?;
             let servers = cluster.bootstrap_servers();
             mock = Some(cluster);
@@ -1483,13 +1681,14 @@ async fn main() -> anyhow::Result<()> {
         brokers,
         authsync_bin,
         broker_pid: broker.0.as_ref().map(Child::id),
+        mock,
     };
     let scenario = bench.args.scenario.clone();
     let ev = bench.args.events;
     let run = |s: &str| s == scenario || scenario == "all";
     if scenario == "ingest" {
         ingest::verify_cost(200_000)?;
-        ingest::run(&bench.brokers, mock.as_ref(), 20).await?;
+        ingest::run(&bench.brokers, bench.mock.as_ref(), 20).await?;
     }
     if run("returning") {
         bench.returning(ev.unwrap_or(200_000)).await?;
@@ -1507,10 +1706,13 @@ async fn main() -> anyhow::Result<()> {
         bench.merge(ev.unwrap_or(100_000)).await?;
     }
     if run("latency") {
-        bench.latency(ev.unwrap_or(60_000)).await?;
+        bench.latency(ev.unwrap_or(60 * bench.args.rate as usize)).await?;
+    }
+    if run("mixed") {
+        bench.mixed(ev.unwrap_or(200_000)).await?;
     }
     if scenario == "soak" {
-        let passed = bench.soak(mock.as_ref()).await?;
+        let passed = bench.soak().await?;
         drop(broker);
         if !passed {
             bail!("soak failed (see the summary line)");
@@ -1518,6 +1720,6 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     drop(broker);
-    drop(mock);
+    drop(bench);
     Ok(())
 }
