@@ -95,6 +95,7 @@ pub async fn start(
 
     let ctx = StepContext::from_config(&config)?;
     let waiter_ctx = ctx.clone();
+    let commits = relay::CommitSignal::default();
     let mut handlers: HashMap<String, Arc<dyn BatchHandler>> = HashMap::new();
     handlers.insert(
         config.topics.login.clone(),
@@ -102,6 +103,7 @@ pub async fn start(
             pool: pool.clone(),
             ctx: ctx.clone(),
             step: AuthSync,
+            committed: commits.clone(),
         }),
     );
     handlers.insert(
@@ -110,6 +112,7 @@ pub async fn start(
             pool: pool.clone(),
             ctx,
             step: AccountMerge,
+            committed: commits.clone(),
         }),
     );
 
@@ -149,9 +152,14 @@ pub async fn start(
             health,
             token.clone(),
             move || {
-                let (cfg, pool, metrics, token) =
-                    (cfg.clone(), pool.clone(), metrics.clone(), token.clone());
-                async move { Ok(relay::run(&cfg, pool, metrics, token).await?) }
+                let (cfg, pool, metrics, commits, token) = (
+                    cfg.clone(),
+                    pool.clone(),
+                    metrics.clone(),
+                    commits.clone(),
+                    token.clone(),
+                );
+                async move { Ok(relay::run(&cfg, pool, metrics, commits, token).await?) }
             },
         )))
     } else {

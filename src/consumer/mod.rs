@@ -61,6 +61,8 @@ pub struct StepHandler<S> {
     pub pool: PgPool,
     pub ctx: StepContext,
     pub step: S,
+    /// Told after every commit (the relay of this process reads then).
+    pub committed: crate::relay::CommitSignal,
 }
 
 impl<S: Step + Send> BatchHandler for StepHandler<S>
@@ -71,7 +73,13 @@ where
         &'a self,
         messages: &'a [InputMessage],
     ) -> BoxFuture<'a, Result<BatchReport, StoreError>> {
-        Box::pin(run_batch(&self.pool, &self.ctx, &self.step, messages))
+        Box::pin(async move {
+            let report = run_batch(&self.pool, &self.ctx, &self.step, messages).await;
+            if report.is_ok() {
+                self.committed.notify_one();
+            }
+            report
+        })
     }
 
     fn last_resort<'a>(
@@ -79,9 +87,15 @@ where
         message: &'a InputMessage,
         error: &'a StoreError,
     ) -> BoxFuture<'a, Result<BatchReport, StoreError>> {
-        Box::pin(crate::steps::last_resort(
-            &self.pool, &self.ctx, &self.step, message, error,
-        ))
+        Box::pin(async move {
+            let report =
+                crate::steps::last_resort(&self.pool, &self.ctx, &self.step, message, error)
+                    .await;
+            if report.is_ok() {
+                self.committed.notify_one();
+            }
+            report
+        })
     }
 }
 
@@ -449,6 +463,23 @@ impl PartitionWorker {
             let Ok(_permit) = self.in_flight.acquire().await else {
                 break;
             };
+            // What queued while the batch waited for its slot goes with it: under load the
+            // batches grow instead of queueing one behind the other (at 1,000 logins/s they
+            // averaged 2.6 messages and held 3.5 of 4 slots, their time mostly per-batch
+            // round trips).
+            while batch.len() < self.config.batch_size {
+                match queue.recv().now_or_never() {
+                    Some(Ok(m)) => {
+                        consumed.inc();
+                        batch.push(to_input(&m));
+                    }
+                    Some(Err(e)) => {
+                        self.warn_consumer_error(&e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
             if !state.begin_batch() {
                 self.health.forget(&self.key.0, self.key.1);
                 continue;

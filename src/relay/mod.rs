@@ -5,7 +5,10 @@
 //! transaction, have finished (see `store::outbox::fetch_publishable`), sends them with
 //! the idempotent producer, and deletes them only after their delivery reports (their ids
 //! stay in `outbox_emitted` for the retention, so a replay does not announce them again).
-//! It wakes on `NOTIFY authsync_outbox`, and polls as a fallback.
+//! It reads when there may be something new: on every commit of this process's steps (a
+//! [`CommitSignal`], no round trip), on `NOTIFY authsync_outbox` (other replicas, the merge
+//! waiter, operators), and on a short poll as a fallback; never again just because a round
+//! was acknowledged.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,6 +26,12 @@ use crate::config::Config;
 use crate::kafka::client_config;
 use crate::store::{self, inbox, outbox};
 use crate::telemetry::Metrics;
+
+/// Told by the step handlers of this process after each commit: a commit may make results
+/// publishable, its own or those held behind its transaction by the fence (a batch of
+/// duplicates writes no outbox row, so no NOTIFY would say it ended). A commit while the
+/// relay is busy leaves a permit, so none is missed.
+pub type CommitSignal = Arc<tokio::sync::Notify>;
 
 /// `pg_advisory_lock` key of the relay leader ("authsync" in ASCII).
 pub const LEADER_LOCK_KEY: i64 = 0x6175_7468_7379_6e63;
@@ -63,6 +72,7 @@ pub async fn run(
     config: &Config,
     pool: PgPool,
     metrics: Metrics,
+    commits: CommitSignal,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
     let producer = Arc::new(producer(config)?);
@@ -98,6 +108,7 @@ pub async fn run(
             &pool,
             &producer,
             &metrics,
+            &commits,
             &mut lock_conn,
             &shutdown,
             &mut stop_by,
@@ -156,6 +167,7 @@ async fn lead(
     pool: &PgPool,
     producer: &FutureProducer,
     metrics: &Metrics,
+    commits: &CommitSignal,
     lock_conn: &mut PgConnection,
     shutdown: &CancellationToken,
     stop_by: &mut Option<tokio::time::Instant>,
@@ -170,6 +182,9 @@ async fn lead(
     let mut last_backlog = Instant::now() - Duration::from_secs(60);
     let mut rounds = Rounds::default();
     let depth = config.relay.rounds_in_flight.max(1);
+    // Something may be publishable that the last read did not return. Cleared just before
+    // a read, so a commit during the read marks the next one.
+    let mut dirty = true;
     while !shutdown.is_cancelled() {
         // Keep the backlog gauges fresh during long publishing bursts too.
         // (Counting the outbox is a scan; every few seconds is enough for a gauge.)
@@ -205,14 +220,17 @@ async fn lead(
             // a moment first.
             sleep_or_shutdown(Duration::from_millis(500), shutdown).await;
             rounds.failed = false;
+            dirty = true;
         }
         let room = !rounds.failed && rounds.pending.len() < depth;
-        if room {
+        if room && dirty {
             // Commits notified so far are visible to the read below: their wake-ups are
             // answered by it. A short read took everything there was; the next commit
-            // notifies. (Saves a read per round that would come back empty.)
+            // says so.
             while listener.next_buffered().is_some() {}
+            dirty = false;
             if rounds.start(config, pool, producer).await? == Read::Full {
+                dirty = true;
                 continue;
             }
         }
@@ -220,8 +238,9 @@ async fn lead(
             biased;
             _ = shutdown.cancelled() => break,
             Some(round) = rounds.pending.next() => rounds.settle(pool, metrics, round).await?,
-            n = listener.try_recv(), if room => { n?; }
-            _ = tokio::time::sleep(poll) => {}
+            _ = commits.notified() => dirty = true,
+            n = listener.try_recv() => { n?; dirty = true; }
+            _ = tokio::time::sleep(poll) => dirty = true,
         }
     }
     // Wait for what was sent, so delivered rows are deleted and not published again; but

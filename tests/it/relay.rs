@@ -34,7 +34,7 @@ fn spawn_relay(
         metrics.clone(),
         token.clone(),
     );
-    tokio::spawn(async move { relay::run(&config, pool, metrics, token).await })
+    tokio::spawn(async move { relay::run(&config, pool, metrics, Default::default(), token).await })
 }
 
 /// watermill's TestNotMissingMessages, for our relay: a transaction that started first but
