@@ -540,6 +540,9 @@ struct WorkerStats {
     batch_avg_size: f64,
     batch_avg_ms: f64,
     batch_p99_ms: f64,
+    /// Messages per step transaction (partitions' batches combined) and transactions.
+    tx_avg_messages: f64,
+    transactions: f64,
     /// Seconds spent in batches, all partitions together.
     batch_total_secs: f64,
 }
@@ -561,6 +564,9 @@ impl WorkerStats {
             batch_p99_ms: histogram_quantile(metrics, "authsync_batch_duration_seconds", 0.99)
                 * 1000.0,
             batch_total_secs: sum_metric(metrics, "authsync_batch_duration_seconds_sum"),
+            tx_avg_messages: sum_metric(metrics, "authsync_transaction_messages_sum")
+                / sum_metric(metrics, "authsync_transaction_messages_count").max(1.0),
+            transactions: sum_metric(metrics, "authsync_transaction_messages_count"),
         }
     }
 }
@@ -1370,6 +1376,8 @@ impl LatencyRun {
                             "batch_avg_ms": tenth(w.batch_avg_ms),
                             "batch_p99_ms": tenth(w.batch_p99_ms),
                             "batches_in_flight_avg": hundredth(self.batch_in_flight_avg),
+                            "transaction_avg_messages": tenth(w.tx_avg_messages),
+                            "transactions": w.transactions,
                             "tx_to_ack_p50_ms": tenth(w.delay_p50_ms),
                             "tx_to_ack_p99_ms": tenth(w.delay_p99_ms),
                         },
