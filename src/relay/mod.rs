@@ -162,6 +162,8 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {
 /// Reads are pipelined: up to `relay.rounds_in_flight` rounds await their delivery reports
 /// while the next rows are read and sent, so a row committed during an ack wait does not
 /// wait for it (see [`outbox::ReadCursor`] for how held rows are skipped).
+// The leader's whole world, passed once; a struct for one private call would only rename it.
+#[allow(clippy::too_many_arguments)]
 async fn lead(
     config: &Config,
     pool: &PgPool,

@@ -239,7 +239,9 @@ async fn outbox_status_shows_backlog_and_the_relay_leader() {
     let shutdown = CancellationToken::new();
     let task = {
         let (config, pool, token) = (h.config.clone(), h.db.pool.clone(), shutdown.clone());
-        tokio::spawn(async move { relay::run(&config, pool, Metrics::new(), Default::default(), token).await })
+        tokio::spawn(async move {
+            relay::run(&config, pool, Metrics::new(), Default::default(), token).await
+        })
     };
     h.wait_published().await;
     let after = outbox::status(&h.db.pool).await.expect("status");

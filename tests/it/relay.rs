@@ -450,6 +450,49 @@ async fn large_outbox_insert_keeps_order_skips_repeats_and_every_column() {
     );
 }
 
+/// A small batch (one statement: the ledger in a CTE, no `COPY`) keeps the same contract:
+/// rows in order, ids emitted before or repeated skipped, a NULL key, a tombstone and
+/// binary headers (a NUL byte included) as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_outbox_insert_keeps_order_skips_repeats_and_every_column() {
+    let h = Harness::new().await;
+    let topic = h.config.topics.user_events.clone();
+    let mut conn = h.db.pool.acquire().await.expect("conn");
+    let early = row(0, "k", &topic);
+    outbox::insert(&mut conn, std::slice::from_ref(&early))
+        .await
+        .expect("insert early");
+    let mut batch: Vec<NewMessage> = (1..6).map(|n| row(n, "k", &topic)).collect();
+    batch[2].key = None;
+    batch[2].headers = vec![("a".into(), vec![0, 0xfe]), ("b".into(), Vec::new())];
+    batch[3].payload = None;
+    let odd = batch[2].clone();
+    batch.insert(1, early.clone()); // emitted before: skipped
+    let repeat = batch[4].clone(); // repeated in the batch: skipped
+    batch.push(repeat);
+    let inserted = outbox::insert(&mut conn, &batch).await.expect("insert");
+    assert_eq!(inserted, 5, "only the 5 new ids");
+    let ns: Vec<Option<i64>> = sqlx::query_scalar(
+        "SELECT (convert_from(payload, 'UTF8')::jsonb ->> 'n')::int8 FROM outbox ORDER BY id",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .expect("read");
+    assert_eq!(
+        ns,
+        vec![Some(0), Some(1), Some(2), Some(3), None, Some(5)],
+        "one row per id, in insertion order (the tombstone in its place)"
+    );
+    let (key, headers): (Option<Vec<u8>>, Vec<u8>) =
+        sqlx::query_as("SELECT message_key, header_bytes FROM outbox WHERE event_id = $1")
+            .bind(odd.event_id)
+            .fetch_one(&h.db.pool)
+            .await
+            .expect("read odd row");
+    assert_eq!(key, None);
+    assert_eq!(outbox::unpack_headers(&headers), Some(odd.headers.clone()));
+}
+
 /// The inbox retention forgets events handled longer ago than the window and keeps the
 /// recent ones (the BRIN index on `processed_at` finds them), in bounded rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,4 +529,64 @@ async fn inbox_retention_forgets_only_events_older_than_the_window() {
             .await,
         500
     );
+}
+
+/// A transaction that writes no outbox row (a batch of duplicates) can hold committed
+/// results behind the fence, and its commit sends no NOTIFY. The step handlers tell the
+/// relay of every commit in process (`CommitSignal`): the held row goes out then, not at
+/// the next poll (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_signal_releases_results_held_by_a_transaction_without_outbox_rows() {
+    let h = Harness::with(|c| c.relay.poll_interval_ms = 60_000).await;
+    let topic = h.config.topics.user_events.clone();
+    // The holder takes a transaction id first, then the result commits (and notifies).
+    let mut holder = sqlx::PgConnection::connect(&h.db.url).await.expect("conn");
+    let mut holder_tx = holder.begin().await.expect("tx");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *holder_tx)
+        .await
+        .expect("xid");
+    let signal = relay::CommitSignal::default();
+    let shutdown = CancellationToken::new();
+    let relay_task = {
+        let (config, pool, signal, token) = (
+            h.config.clone(),
+            h.db.pool.clone(),
+            signal.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move { relay::run(&config, pool, Metrics::new(), signal, token).await })
+    };
+    let mut conn = h.db.pool.acquire().await.expect("conn");
+    outbox::insert(&mut conn, &[row(1, "k", &topic)])
+        .await
+        .expect("insert");
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox").await,
+        1,
+        "held behind the older open transaction"
+    );
+    holder_tx.commit().await.expect("commit");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox").await,
+        1,
+        "no NOTIFY and no poll yet: still waiting"
+    );
+    signal.notify_one();
+    let woken = std::time::Instant::now();
+    wait_for("the held row is published", || async {
+        h.db.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    assert!(
+        woken.elapsed() < Duration::from_secs(20),
+        "published on the signal, not on the 60 s poll"
+    );
+    shutdown.cancel();
+    relay_task.await.expect("join").expect("relay");
+    let out = read_topics(&h.config.kafka.brokers, &[topic], 1).await;
+    assert_eq!(out.len(), 1);
 }
