@@ -501,7 +501,7 @@ impl Default for ConsumerConfig {
             // A dead letter carries the whole value plus headers; it must fit under the
             // producer's `relay.message_max_bytes` (librdkafka's and Kafka's ~1 MB).
             max_message_bytes: 960 * 1024,
-            max_batches_in_flight: 2,
+            max_batches_in_flight: 3,
             drain_timeout_ms: 25_000,
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
