@@ -544,9 +544,6 @@ struct WorkerStats {
     batch_avg_size: f64,
     batch_avg_ms: f64,
     batch_p99_ms: f64,
-    /// Messages per step transaction (partitions' batches combined) and transactions.
-    tx_avg_messages: f64,
-    transactions: f64,
     /// Seconds spent in batches, all partitions together.
     batch_total_secs: f64,
 }
@@ -568,9 +565,6 @@ impl WorkerStats {
             batch_p99_ms: histogram_quantile(metrics, "authsync_batch_duration_seconds", 0.99)
                 * 1000.0,
             batch_total_secs: sum_metric(metrics, "authsync_batch_duration_seconds_sum"),
-            tx_avg_messages: sum_metric(metrics, "authsync_transaction_messages_sum")
-                / sum_metric(metrics, "authsync_transaction_messages_count").max(1.0),
-            transactions: sum_metric(metrics, "authsync_transaction_messages_count"),
         }
     }
 }
@@ -1044,25 +1038,15 @@ impl Bench {
         let t0 = Instant::now();
         let sender = tokio::spawn({
             let (producer, topic) = (producer.clone(), input.clone());
-            async move {
-                let per_tick = (rate / 1000).max(1);
-                let period = Duration::from_micros((1_000_000 * per_tick / rate) as u64);
-                let mut tick = tokio::time::interval(period);
-                let mut i = 0;
-                while i < n {
-                    tick.tick().await;
-                    for _ in 0..per_tick.min(n - i) {
-                        let sent = format!("{:<600}", t0.elapsed().as_micros());
-                        let key = format!("k-{}", i % 1000);
-                        if let Ok(d) =
-                            producer.send_result(FutureRecord::to(&topic).key(&key).payload(&sent))
-                        {
-                            drop(d);
-                        }
-                        i += 1;
-                    }
+            paced(rate, n, move |i| {
+                let sent = format!("{:<600}", t0.elapsed().as_micros());
+                let key = format!("k-{}", i % 1000);
+                if let Ok(d) =
+                    producer.send_result(FutureRecord::to(&topic).key(&key).payload(&sent))
+                {
+                    drop(d);
                 }
-            }
+            })
         });
         let mut latencies = Vec::with_capacity(n);
         let deadline = Instant::now() + Duration::from_secs((n / rate) as u64 + 30);
@@ -1154,7 +1138,7 @@ impl Bench {
             .set("linger.ms", "0")
             .create()?;
         Self::warmed(&producer, &config.topics.login).await?;
-        // id -> (send time, sent while the replay was being delivered or drained)
+        // login id -> its send time
         let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
         let users = 1000;
         let broker_cpu_before = self.broker_cpu_secs();
@@ -1163,33 +1147,21 @@ impl Bench {
         let sender = {
             let (sent, topic, producer) =
                 (sent.clone(), config.topics.login.clone(), producer.clone());
-            tokio::spawn(async move {
-                // One tick per ms; `rate / 1000` logins per tick (at least one).
-                let per_tick = (rate / 1000).max(1);
-                let period = Duration::from_micros((1_000_000 * per_tick / rate) as u64);
-                let mut tick = tokio::time::interval(period);
-                let mut i = 0;
-                while i < n {
-                    tick.tick().await;
-                    for _ in 0..per_tick.min(n - i) {
-                        let id = format!("l-{i}");
-                        let key = format!("bench:user-{}", i % users);
-                        // Wall-clock event times: never stale against the replayed ones.
-                        let now =
-                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                        let value = login_value(&id, i % users, i, &now);
-                        if let Ok(mut s) = sent.lock() {
-                            s.insert(id, Instant::now());
-                        }
-                        if let Ok(d) =
-                            producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                        {
-                            drop(d);
-                        }
-                        i += 1;
-                    }
+            tokio::spawn(paced(rate, n, move |i| {
+                let id = format!("l-{i}");
+                let key = format!("bench:user-{}", i % users);
+                // Wall-clock event times: never stale against the replayed ones.
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                let value = login_value(&id, i % users, i, &now);
+                if let Ok(mut s) = sent.lock() {
+                    s.insert(id, Instant::now());
                 }
-            })
+                if let Ok(d) =
+                    producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
+                {
+                    drop(d);
+                }
+            }))
         };
         let replaying = replay.map(|events| {
             let (window, topic, wait) = (
@@ -1278,6 +1250,22 @@ impl Bench {
                 / elapsed.as_secs_f64().max(1e-9),
             broker_cores: broker_secs.map(|secs| secs / elapsed.as_secs_f64().max(1e-9)),
         })
+    }
+}
+
+/// Calls `send(i)` for `i` in `0..n` at `rate` per second: one tick per ms with
+/// `rate / 1000` sends each (at least one per tick, so below 1,000/s the tick slows down).
+async fn paced(rate: usize, n: usize, mut send: impl FnMut(usize)) {
+    let per_tick = (rate / 1000).max(1);
+    let period = Duration::from_micros((1_000_000 * per_tick / rate.max(1)) as u64);
+    let mut tick = tokio::time::interval(period);
+    let mut i = 0;
+    while i < n {
+        tick.tick().await;
+        for _ in 0..per_tick.min(n - i) {
+            send(i);
+            i += 1;
+        }
     }
 }
 
@@ -1390,8 +1378,6 @@ impl LatencyRun {
                             "batch_avg_ms": tenth(w.batch_avg_ms),
                             "batch_p99_ms": tenth(w.batch_p99_ms),
                             "batches_in_flight_avg": hundredth(self.batch_in_flight_avg),
-                            "transaction_avg_messages": tenth(w.tx_avg_messages),
-                            "transactions": w.transactions,
                             "tx_to_ack_p50_ms": tenth(w.delay_p50_ms),
                             "tx_to_ack_p99_ms": tenth(w.delay_p99_ms),
                         },

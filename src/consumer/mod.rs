@@ -73,13 +73,7 @@ where
         &'a self,
         messages: &'a [InputMessage],
     ) -> BoxFuture<'a, Result<BatchReport, StoreError>> {
-        Box::pin(async move {
-            let report = run_batch(&self.pool, &self.ctx, &self.step, messages).await;
-            if report.is_ok() {
-                self.committed.notify_one();
-            }
-            report
-        })
+        Box::pin(self.telling_the_relay(run_batch(&self.pool, &self.ctx, &self.step, messages)))
     }
 
     fn last_resort<'a>(
@@ -87,14 +81,23 @@ where
         message: &'a InputMessage,
         error: &'a StoreError,
     ) -> BoxFuture<'a, Result<BatchReport, StoreError>> {
-        Box::pin(async move {
-            let report =
-                crate::steps::last_resort(&self.pool, &self.ctx, &self.step, message, error).await;
-            if report.is_ok() {
-                self.committed.notify_one();
-            }
-            report
-        })
+        Box::pin(self.telling_the_relay(crate::steps::last_resort(
+            &self.pool, &self.ctx, &self.step, message, error,
+        )))
+    }
+}
+
+impl<S> StepHandler<S> {
+    /// Runs `step` and, once it committed, tells the relay.
+    async fn telling_the_relay(
+        &self,
+        step: impl std::future::Future<Output = Result<BatchReport, StoreError>>,
+    ) -> Result<BatchReport, StoreError> {
+        let report = step.await;
+        if report.is_ok() {
+            self.committed.notify_one();
+        }
+        report
     }
 }
 
