@@ -497,16 +497,16 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
-            batch_linger_ms: 5,
+            batch_linger_ms: 1,
             // A dead letter carries the whole value plus headers; it must fit under the
             // producer's `relay.message_max_bytes` (librdkafka's and Kafka's ~1 MB).
             max_message_bytes: 960 * 1024,
-            max_batches_in_flight: 4,
+            max_batches_in_flight: 3,
             drain_timeout_ms: 25_000,
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
             unready_after_failures: 5,
-            fetch_wait_max_ms: 10,
+            fetch_wait_max_ms: 2,
             prefetch_kbytes_per_partition: 512,
             fetch_max_kbytes: 256,
             fetch_queue_backoff_ms: 10,

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub batch_seconds: HistogramVec,
     pub consume_delay_seconds: HistogramVec,
     pub batch_size: Histogram,
+    pub transaction_messages: Histogram,
     pub batch_retries: IntCounter,
     pub isolated_batches: IntCounter,
     pub outbox_backlog: IntGauge,
@@ -139,6 +140,16 @@ impl Metrics {
             ]),
         )
         .unwrap_or_else(|e| panic!("metric batch_size: {e}"));
+        let transaction_messages = Histogram::with_opts(
+            HistogramOpts::new(
+                "transaction_messages",
+                "Messages per step transaction (the batches of several partitions combined)",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("metric transaction_messages: {e}"));
         let relay_publish_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "relay_publish_seconds",
@@ -262,6 +273,7 @@ impl Metrics {
             Box::new(batch_seconds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(consume_delay_seconds.clone()),
             Box::new(batch_size.clone()),
+            Box::new(transaction_messages.clone()),
             Box::new(relay_publish_seconds.clone()),
             Box::new(outbox_publish_delay_seconds.clone()),
             Box::new(partitions_assigned.clone()),
@@ -279,6 +291,7 @@ impl Metrics {
             batch_seconds,
             consume_delay_seconds,
             batch_size,
+            transaction_messages,
             batch_retries,
             isolated_batches,
             outbox_backlog,

@@ -13,7 +13,7 @@ use crate::events::merge::MergeRequest;
 use crate::events::results::{self, raw, ResultEvent};
 use crate::events::DecodeError;
 use crate::store::merge::{self as merge_store, MergeReport};
-use crate::store::{inbox, StoreError};
+use crate::store::{inbox, LockWait, StoreError};
 
 pub const USER_MERGED: &str = "user.merged";
 pub const USER_DEACTIVATED: &str = "user.deactivated";
@@ -305,7 +305,7 @@ pub async fn retry_waiting(
     limit: i64,
 ) -> Result<usize, StoreError> {
     let step = AccountMerge;
-    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost).await?;
+    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost, LockWait::Unbounded).await?;
     let due = merge_store::due_waits(&mut tx, &ctx.consumer_group, limit).await?;
     let mut left = 0;
     let mut rows = Vec::new();

@@ -28,7 +28,7 @@ use crate::events::source::{SigningKey, SourceKeys};
 use crate::events::{DecodeError, ErrorClass};
 use crate::store::inbox::{self, Claim};
 use crate::store::outbox::{self, NewMessage};
-use crate::store::StoreError;
+use crate::store::{LockWait, StoreError};
 
 /// A Kafka message, owned (it crosses from the fetch loop to its partition's task).
 #[derive(Clone, Debug)]
@@ -449,10 +449,21 @@ pub async fn run_batch<S: Step>(
     step: &S,
     messages: &[InputMessage],
 ) -> Result<BatchReport, StoreError> {
+    run_batch_waiting(pool, ctx, step, messages, LockWait::Unbounded).await
+}
+
+/// [`run_batch`], waiting for row locks as `lock_wait` says.
+pub async fn run_batch_waiting<S: Step>(
+    pool: &PgPool,
+    ctx: &StepContext,
+    step: &S,
+    messages: &[InputMessage],
+    lock_wait: LockWait,
+) -> Result<BatchReport, StoreError> {
     let decoded: Vec<S::Decoded> = messages.iter().map(|m| step.decode(ctx, m)).collect();
     let items: Vec<(&InputMessage, &S::Decoded)> = messages.iter().zip(decoded.iter()).collect();
 
-    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost).await?;
+    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost, lock_wait).await?;
     match step.apply(&mut tx, ctx, &items).await {
         Ok(report) => {
             crate::failpoint!("step-before-commit");
@@ -470,7 +481,7 @@ pub async fn run_batch<S: Step>(
         isolated: true,
         ..BatchReport::default()
     };
-    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost).await?;
+    let mut tx = crate::store::begin_step(pool, ctx.random_page_cost, lock_wait).await?;
     for item in &items {
         let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
         match step

@@ -90,6 +90,21 @@ pub async fn delete_from_offsets(
     .map(|r| r.rows_affected())
 }
 
+/// Forgets the group's rows keyed by their Kafka position (messages that had no usable
+/// event id). For `authsync dev` only: its embedded broker starts empty on every run, so
+/// the same positions come back holding new messages, which would pass for duplicates.
+pub async fn forget_positions(pool: &sqlx::PgPool, group: &str) -> Result<u64, sqlx::Error> {
+    sqlx::query!(
+        r#"DELETE FROM inbox
+           WHERE consumer_group = $1
+             AND event_id = 'kafka:' || topic || ':' || kafka_partition || ':' || kafka_offset"#,
+        group
+    )
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}
+
 /// Deletes inbox rows older than the de-duplication window; returns how many.
 pub async fn delete_older_than(
     pool: &sqlx::PgPool,

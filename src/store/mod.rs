@@ -137,16 +137,32 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub async fn begin_step(
     pool: &PgPool,
     random_page_cost: f64,
+    lock_wait: LockWait,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     // Generic plans: the step's statements are prepared once per connection, and with
     // array parameters Postgres kept planning each execution afresh (custom plans; 0.28 ms
     // for the role query alone), about a fifth of its CPU at 1,000 logins/s. The lookups
     // are all by key, so one plan fits every batch size.
+    let lock_timeout = match lock_wait {
+        LockWait::Unbounded => String::new(),
+        LockWait::AtMost(limit) => format!("; SET LOCAL lock_timeout = {}", limit.as_millis().max(1)),
+    };
     pool.begin_with(format!(
         "BEGIN; SET LOCAL random_page_cost = {random_page_cost}; \
-         SET LOCAL plan_cache_mode = force_generic_plan"
+         SET LOCAL plan_cache_mode = force_generic_plan{lock_timeout}"
     ))
     .await
+}
+
+/// How long a step transaction waits for a row lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockWait {
+    /// As long as it takes: a partition's own batch waits for its row (order per key).
+    Unbounded,
+    /// Then it fails with `lock_not_available` (55P03, transient). For transactions that
+    /// carry several partitions' batches: one partition's locked row must not hold up the
+    /// others, so they fall apart and go on alone.
+    AtMost(std::time::Duration),
 }
 
 /// `SELECT 1`, for readiness.

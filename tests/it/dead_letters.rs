@@ -156,3 +156,79 @@ async fn message_the_database_rejects_rolls_back_alone() {
     assert_eq!(letters[0].header("authsync-error-class"), "unprocessable");
     assert_eq!(letters[0].key.as_deref(), Some(&b"p:s2"[..]));
 }
+
+/// Group commit: with one slot, the batches of partitions that are ready together share a
+/// transaction. A value Postgres refuses in such a transaction sends every batch back to be
+/// applied on its own: the poison alone is dead-lettered, every other login is applied,
+/// and each user ends with its last login's name (order per key holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_batches_keep_their_order_and_a_poison_stays_alone() {
+    let mut h = Harness::with(|c| {
+        c.consumer.max_batches_in_flight = 1;
+        c.consumer.batch_size = 4;
+    })
+    .await;
+    // Produced before the start: every partition has batches ready at once.
+    for p in 0..PARTITIONS {
+        for round in 0..3 {
+            for u in 0..4 {
+                let subject = format!("p{p}u{u}");
+                let name = if (p, round, u) == (1, 1, 2) {
+                    "nul\u{0000}byte".to_string()
+                } else {
+                    format!("{subject}-r{round}")
+                };
+                h.produce_with(
+                    &format!("p:{subject}"),
+                    &login(
+                        &format!("e-{subject}-{round}"),
+                        &format!("2026-05-01T10:0{round}:00Z"),
+                        json!({"provider": "p", "subject": subject, "displayName": name}),
+                    ),
+                    Some(p),
+                    &[],
+                )
+                .await;
+            }
+        }
+    }
+    h.start().await;
+    let total = i64::from(PARTITIONS * 12);
+    h.wait_handled(total).await;
+    let metrics = h.worker().metrics.clone();
+    let topic = h.config.topics.login.clone();
+    wait_for("the poison is counted", || {
+        let (metrics, topic) = (metrics.clone(), topic.clone());
+        async move {
+            metrics
+                .dead_lettered
+                .with_label_values(&[&topic, "unprocessable"])
+                .get()
+                >= 1
+        }
+    })
+    .await;
+    h.stop().await;
+    assert_eq!(
+        metrics
+            .dead_lettered
+            .with_label_values(&[&topic, "unprocessable"])
+            .get(),
+        1,
+        "only the poison"
+    );
+    let users = 4 * PARTITIONS as i64;
+    assert_eq!(h.db.count("SELECT count(*) FROM users").await, users);
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM users WHERE auth_display_name LIKE '%-r2'")
+            .await,
+        users,
+        "each user has its last login's name"
+    );
+    assert!(
+        metrics.transaction_messages.get_sample_count() < metrics.batch_size.get_sample_count(),
+        "batches shared transactions: {} transactions for {} batches",
+        metrics.transaction_messages.get_sample_count(),
+        metrics.batch_size.get_sample_count()
+    );
+}

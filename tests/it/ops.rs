@@ -252,3 +252,83 @@ async fn outbox_status_shows_backlog_and_the_relay_leader() {
     let leader = after.leader.expect("a leader");
     assert_eq!(leader.application_name, "authsync");
 }
+
+/// Runs `authsync dev --demo` against `database_url` until the demo is done; its output.
+fn run_dev_demo(database_url: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_authsync"))
+        .args(["dev", "--demo"])
+        .env("AUTHSYNC_DATABASE_URL", database_url)
+        .env("AUTHSYNC_HTTP_LISTEN", "127.0.0.1:0")
+        .env("AUTHSYNC_INGEST_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start authsync dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut output = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = received.recv_timeout(left) else {
+            break;
+        };
+        let done = line.starts_with("demo: done") || line.contains("timed out");
+        output.push(line);
+        if done {
+            break;
+        }
+    }
+    child.kill().ok();
+    child.wait().ok();
+    output
+}
+
+/// `authsync dev --demo` shows every result of its sample logins, and a second run on the
+/// same dev database (its embedded broker new, its offsets back at 0) shows its own
+/// results too, the malformed message's dead letter included, instead of taking it for a
+/// duplicate of the first run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_demo_shows_every_result_on_every_run() {
+    let db = TestDb::new().await;
+    let count = |output: &[String], what: &str| {
+        let what = format!("demo: {what}");
+        output.iter().filter(|l| l.starts_with(&what)).count()
+    };
+    let first = tokio::task::spawn_blocking({
+        let url = db.url.clone();
+        move || run_dev_demo(&url)
+    })
+    .await
+    .expect("first run");
+    assert!(
+        first.iter().any(|l| l.starts_with("demo: done")),
+        "{first:#?}"
+    );
+    assert_eq!(count(&first, "user.synced"), 3, "{first:#?}");
+    assert_eq!(count(&first, "user.signed_up"), 2, "alice and bob: {first:#?}");
+    assert_eq!(count(&first, "dead letter"), 1, "{first:#?}");
+
+    let second = tokio::task::spawn_blocking({
+        let url = db.url.clone();
+        move || run_dev_demo(&url)
+    })
+    .await
+    .expect("second run");
+    assert!(
+        second.iter().any(|l| l.starts_with("demo: done")),
+        "{second:#?}"
+    );
+    assert_eq!(count(&second, "user.synced"), 3, "{second:#?}");
+    assert_eq!(count(&second, "user.signed_up"), 0, "they exist: {second:#?}");
+    assert_eq!(count(&second, "dead letter"), 1, "{second:#?}");
+}

@@ -361,6 +361,127 @@ async fn a_blocked_partition_does_not_hold_up_the_others() {
     );
 }
 
+/// Group commit meets a locked row: batches of three partitions, queued while both slots
+/// are busy, share one transaction, and one of them needs a row another session holds. The
+/// shared transaction gives up on the lock (`SHARED_LOCK_WAIT`) and its batches go on
+/// alone: the free partitions are applied while the row is still held, the stuck one
+/// after it is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_row_in_a_shared_transaction_stalls_only_its_partition() {
+    let mut h = Harness::with(|c| c.consumer.max_batches_in_flight = 2).await;
+    h.start().await;
+    let stuck = |id: &str| {
+        login(
+            id,
+            "2026-05-01T10:00:00Z",
+            json!({"provider": "p", "subject": "stuck"}),
+        )
+    };
+    h.produce_with("p:stuck", &stuck("b-0"), Some(0), &[]).await;
+    h.wait_handled(1).await;
+    let mut row = h.db.pool.begin().await.expect("begin");
+    sqlx::query(
+        "SELECT u.id FROM users u JOIN external_identities e ON e.user_id = u.id
+         WHERE e.subject = 'stuck' FOR UPDATE OF u",
+    )
+    .execute(&mut *row)
+    .await
+    .expect("lock the user");
+    // Both slots busy: two merge batches wait on the inbox table.
+    let mut inbox = h.db.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE inbox IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *inbox)
+        .await
+        .expect("lock the inbox");
+    let merges = producer(&h.config.kafka.brokers);
+    for p in 0..2 {
+        let merge = crate::merge::merge_event(
+            &format!("m{p}"),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        produce_to(&merges, &h.config.topics.merge, "m", &merge, Some(p), &[]).await;
+    }
+    wait_for("both slots wait on the inbox lock", || async {
+        h.db.count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    h.produce_with("p:stuck", &stuck("b-1"), Some(0), &[]).await;
+    for i in 0..20 {
+        h.produce_with(
+            &format!("p:free{i}"),
+            &login(
+                &format!("f-{i}"),
+                "2026-05-01T10:00:00Z",
+                json!({"provider": "p", "subject": format!("free{i}")}),
+            ),
+            Some(1 + i % 2),
+            &[],
+        )
+        .await;
+    }
+    // The consumer counts a batch's delay just before it queues for a slot.
+    let metrics = h.worker().metrics.clone();
+    let topic = h.config.topics.login.clone();
+    wait_for("three partitions' batches queued", || {
+        let (metrics, topic) = (metrics.clone(), topic.clone());
+        async move {
+            metrics
+                .consume_delay_seconds
+                .with_label_values(&[&topic])
+                .get_sample_count()
+                >= 3
+        }
+    })
+    .await;
+    // Each partition's first batch is queued well within this (fetch wait is milliseconds).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let transactions_before = metrics.transaction_messages.get_sample_count();
+    let login_batches = || {
+        metrics
+            .batch_seconds
+            .with_label_values(&[&topic])
+            .get_sample_count()
+    };
+    let batches_before = login_batches();
+    inbox.rollback().await.expect("release the inbox");
+    wait_for("every free login applied while the row is held", || async {
+        h.db.count("SELECT count(*) FROM inbox WHERE event_id LIKE 'f-%'")
+            .await
+            == 20
+    })
+    .await;
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM inbox WHERE event_id = 'b-1'")
+            .await,
+        0,
+        "the locked partition waits for its row"
+    );
+    assert!(
+        metrics.transaction_messages.get_sample_count() - transactions_before
+            < login_batches() - batches_before,
+        "the queued batches shared a transaction"
+    );
+    row.rollback().await.expect("release the row");
+    wait_for("the stuck login applied", || async {
+        h.db.count("SELECT count(*) FROM inbox WHERE event_id = 'b-1'")
+            .await
+            == 1
+    })
+    .await;
+    h.stop().await;
+    assert_eq!(
+        h.db.count("SELECT login_count::int8 FROM users u JOIN external_identities e ON e.user_id = u.id WHERE e.subject = 'stuck'")
+            .await,
+        2
+    );
+}
+
 /// Scaling out and back in mid-stream: a second worker joins the group and takes over
 /// partitions, then the first leaves. Revoked partitions drain before they move, so every
 /// event is applied by one worker, once, in order per identity, and announced once.
