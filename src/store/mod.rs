@@ -145,7 +145,9 @@ pub async fn begin_step(
     // are all by key, so one plan fits every batch size.
     let lock_timeout = match lock_wait {
         LockWait::Unbounded => String::new(),
-        LockWait::AtMost(limit) => format!("; SET LOCAL lock_timeout = {}", limit.as_millis().max(1)),
+        LockWait::AtMost(limit) => {
+            format!("; SET LOCAL lock_timeout = {}", limit.as_millis().max(1))
+        }
     };
     pool.begin_with(format!(
         "BEGIN; SET LOCAL random_page_cost = {random_page_cost}; \

@@ -429,9 +429,10 @@ async fn step_transactions_plan_key_lookups_and_leave_the_session_alone() {
         .fetch_one(&pool)
         .await
         .expect("show");
-    let mut tx = authsync::store::begin_step(&pool, default_cost, authsync::store::LockWait::Unbounded)
-        .await
-        .expect("begin");
+    let mut tx =
+        authsync::store::begin_step(&pool, default_cost, authsync::store::LockWait::Unbounded)
+            .await
+            .expect("begin");
     let plan: Vec<String> = sqlx::query_scalar(explain)
         .bind(&ids)
         .fetch_all(&mut *tx)

@@ -165,7 +165,7 @@ async fn message_the_database_rejects_rolls_back_alone() {
 async fn combined_batches_keep_their_order_and_a_poison_stays_alone() {
     let mut h = Harness::with(|c| {
         c.consumer.max_batches_in_flight = 1;
-        c.consumer.batch_size = 4;
+        c.consumer.batch_size = 100;
     })
     .await;
     // Produced before the start: every partition has batches ready at once.
@@ -173,7 +173,9 @@ async fn combined_batches_keep_their_order_and_a_poison_stays_alone() {
         for round in 0..3 {
             for u in 0..4 {
                 let subject = format!("p{p}u{u}");
-                let name = if (p, round, u) == (1, 1, 2) {
+                // The last round: a batch folds a user's logins, so an earlier poisoned
+                // name would be overwritten before it reached Postgres.
+                let name = if (p, round, u) == (1, 2, 2) {
                     "nul\u{0000}byte".to_string()
                 } else {
                     format!("{subject}-r{round}")
@@ -222,8 +224,14 @@ async fn combined_batches_keep_their_order_and_a_poison_stays_alone() {
     assert_eq!(
         h.db.count("SELECT count(*) FROM users WHERE auth_display_name LIKE '%-r2'")
             .await,
-        users,
+        users - 1,
         "each user has its last login's name"
+    );
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM users WHERE auth_display_name = 'p1u2-r1'")
+            .await,
+        1,
+        "the poisoned user keeps the name of its last login that was applied"
     );
     assert!(
         metrics.transaction_messages.get_sample_count() < metrics.batch_size.get_sample_count(),

@@ -315,7 +315,11 @@ async fn dev_demo_shows_every_result_on_every_run() {
         "{first:#?}"
     );
     assert_eq!(count(&first, "user.synced"), 3, "{first:#?}");
-    assert_eq!(count(&first, "user.signed_up"), 2, "alice and bob: {first:#?}");
+    assert_eq!(
+        count(&first, "user.signed_up"),
+        2,
+        "alice and bob: {first:#?}"
+    );
     assert_eq!(count(&first, "dead letter"), 1, "{first:#?}");
 
     let second = tokio::task::spawn_blocking({
@@ -329,6 +333,10 @@ async fn dev_demo_shows_every_result_on_every_run() {
         "{second:#?}"
     );
     assert_eq!(count(&second, "user.synced"), 3, "{second:#?}");
-    assert_eq!(count(&second, "user.signed_up"), 0, "they exist: {second:#?}");
+    assert_eq!(
+        count(&second, "user.signed_up"),
+        0,
+        "they exist: {second:#?}"
+    );
     assert_eq!(count(&second, "dead letter"), 1, "{second:#?}");
 }
