@@ -134,10 +134,18 @@ pub async fn run(
     ensure_database(&config).await?;
     let pool = store::pool(&config.database)?;
     store::migrate(&pool).await.context("migrations failed")?;
-    // The embedded broker is new: offsets an earlier run saw now hold other messages.
-    store::inbox::forget_positions(&pool, &config.kafka.group_id)
+    // The embedded broker is new: offsets an earlier run saw now hold other messages, and
+    // their dead letters (whose ids name the position) must be written again.
+    let forgotten = store::inbox::forget_positions(&pool, &config.kafka.group_id)
         .await
         .context("cannot reset the dev inbox")?;
+    let letters: Vec<uuid::Uuid> = forgotten
+        .iter()
+        .map(|f| crate::steps::dead_letter_id(&f.event_id, &f.topic, f.partition, f.offset))
+        .collect();
+    store::outbox::forget_emitted(&pool, &letters)
+        .await
+        .context("cannot reset the dev outbox ledger")?;
     pool.close().await;
 
     let worker = app::start(config.clone(), RunOptions::default(), shutdown.clone()).await?;
@@ -234,13 +242,13 @@ async fn run_demo(config: &Config, shutdown: &CancellationToken) -> anyhow::Resu
         println!("demo: published login {id} for {key}");
         expected += 1;
     }
-    // A message that can never succeed, to show the dead-letter path (its key tells this
-    // run's dead letter from an earlier run's).
-    let broken_key = format!("demo:broken-{run}");
+    // A message that can never succeed, to show the dead-letter path. (The broker is new on
+    // every run, so it lands where an earlier run's did: dev forgets that position at start.)
+    let broken_key = "demo:broken";
     producer
         .send(
             FutureRecord::to(&config.topics.login)
-                .key(&broken_key)
+                .key(broken_key)
                 .payload("not json"),
             Duration::from_secs(5),
         )
@@ -255,7 +263,7 @@ async fn run_demo(config: &Config, shutdown: &CancellationToken) -> anyhow::Resu
         .create()?;
     let dlq = config.topics.dlq_for(&config.topics.login);
     reader.subscribe(&[&config.topics.user_events, &dlq])?;
-    // The topics hold earlier runs' results too: only this run's are shown and counted.
+    // Only the demo's own results are shown and counted (not what kcat published).
     // Once every login's `user.synced` and the dead letter are in, the results still in
     // flight (another user's `user.signed_up`, say) get a moment to arrive.
     let mine = format!("demo-{run}-");
@@ -281,6 +289,7 @@ async fn run_demo(config: &Config, shutdown: &CancellationToken) -> anyhow::Resu
         };
         if message.topic() == dlq {
             if message.key() != Some(broken_key.as_bytes()) {
+                // Someone else's, published with kcat meanwhile.
                 continue;
             }
             dead += 1;

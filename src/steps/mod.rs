@@ -254,6 +254,16 @@ pub fn storable_key(key: String, message: &InputMessage) -> String {
     }
 }
 
+/// Id of the dead letter of the message at `topic`/`partition`/`offset` claimed under
+/// `inbox_key`. Per source position: a replay of the same message is recognised, a
+/// redriven copy (a new offset) that fails again is dead-lettered again.
+pub fn dead_letter_id(inbox_key: &str, topic: &str, partition: i32, offset: i64) -> uuid::Uuid {
+    ids::result_event_id(
+        &format!("{inbox_key}@{topic}/{partition}/{offset}"),
+        "dead_letter",
+    )
+}
+
 /// Builds the dead letter of `message`: original key, value (a null value stays null) and
 /// headers, plus the dead-letter metadata.
 pub fn dead_letter(
@@ -306,15 +316,7 @@ pub fn dead_letter(
         );
     }
     NewMessage {
-        // Per source position: a replay of the same message is recognised, a redriven copy
-        // (a new offset) that fails again is dead-lettered again.
-        event_id: ids::result_event_id(
-            &format!(
-                "{inbox_key}@{}/{}/{}",
-                message.topic, message.partition, message.offset
-            ),
-            "dead_letter",
-        ),
+        event_id: dead_letter_id(inbox_key, &message.topic, message.partition, message.offset),
         topic: ctx.topics.dlq_for(&message.topic),
         key: message.key.clone(),
         event_type: "dead_letter".into(),

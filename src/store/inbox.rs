@@ -90,19 +90,32 @@ pub async fn delete_from_offsets(
     .map(|r| r.rows_affected())
 }
 
+/// A forgotten inbox row's key and position.
+pub struct ForgottenPosition {
+    pub event_id: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// Forgets the group's rows keyed by their Kafka position (messages that had no usable
-/// event id). For `authsync dev` only: its embedded broker starts empty on every run, so
-/// the same positions come back holding new messages, which would pass for duplicates.
-pub async fn forget_positions(pool: &sqlx::PgPool, group: &str) -> Result<u64, sqlx::Error> {
-    sqlx::query!(
+/// event id) and returns them. For `authsync dev` only: its embedded broker starts empty on
+/// every run, so the same positions come back holding new messages, which would pass for
+/// duplicates.
+pub async fn forget_positions(
+    pool: &sqlx::PgPool,
+    group: &str,
+) -> Result<Vec<ForgottenPosition>, sqlx::Error> {
+    sqlx::query_as!(
+        ForgottenPosition,
         r#"DELETE FROM inbox
            WHERE consumer_group = $1
-             AND event_id = 'kafka:' || topic || ':' || kafka_partition || ':' || kafka_offset"#,
+             AND event_id = 'kafka:' || topic || ':' || kafka_partition || ':' || kafka_offset
+           RETURNING event_id, topic, kafka_partition AS partition, kafka_offset AS offset"#,
         group
     )
-    .execute(pool)
+    .fetch_all(pool)
     .await
-    .map(|r| r.rows_affected())
 }
 
 /// Deletes inbox rows older than the de-duplication window; returns how many.

@@ -522,6 +522,15 @@ pub async fn delete_published(pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Er
         .map(|_| ())
 }
 
+/// Forgets that these events were emitted, so that an outbox insert of the same ids
+/// goes through again (`authsync dev`, whose broker starts empty on every run).
+pub async fn forget_emitted(pool: &PgPool, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
+    sqlx::query!("DELETE FROM outbox_emitted WHERE event_id = ANY($1)", ids)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+}
+
 /// Forgets emitted ids older than the retention, but never one that may still be waiting
 /// in the outbox (a relay down longer than the retention); returns how many.
 pub async fn forget_emitted_older_than(
