@@ -136,6 +136,10 @@ def scenario(name: str, values: dict | None) -> list[dict]:
     check(container["livenessProbe"]["httpGet"]["path"] == "/healthz"
           and container["readinessProbe"]["httpGet"]["path"] == "/readyz",
           f"[{name}] liveness /healthz, readiness /readyz")
+    pod_specs = [d["spec"]["template"]["spec"] for d in docs if d.get("kind") in ("Deployment", "Job")]
+    check(pod_specs and all(p.get("enableServiceLinks") is False for p in pod_specs),
+          f"[{name}] every pod (worker, ingest, migration Job) has enableServiceLinks: false "
+          "(service-link variables such as AUTHSYNC_KAFKA_PORT would be rejected as settings)")
     drain_ms = merged["config"].get("consumer", {}).get("drain_timeout_ms", 25000)
     check(pod["terminationGracePeriodSeconds"] * 1000 >= drain_ms + 5000,
           f"[{name}] terminationGracePeriodSeconds ({pod['terminationGracePeriodSeconds']}) > drain timeout ({drain_ms} ms) + 5 s")
@@ -245,7 +249,7 @@ check(job["metadata"]["annotations"]["helm.sh/hook-weight"] == "-5"
       and job["spec"]["template"]["spec"]["serviceAccountName"] == "demo-authsync-migrate",
       "default migration Job: hook-weight -5, hook ServiceAccount demo-authsync-migrate")
 toml = one(default_docs, "ConfigMap")["data"]["authsync.toml"]
-check("[merge]" in toml and "fetch_wait_max_ms = 10" in toml, "config has the [merge] section and consumer.fetch_wait_max_ms")
+check("[merge]" in toml and "fetch_wait_max_ms = 2" in toml, "config has the [merge] section and consumer.fetch_wait_max_ms")
 notes = render_raw(None)["authsync/templates/NOTES.txt"]
 check("migrat" in notes and "demo-authsync" in notes, "NOTES.txt renders")
 
