@@ -82,11 +82,16 @@ pub async fn start(
         std::time::Duration::from_secs(config.consumer.stalled_after_secs),
         Some(metrics.clone()),
     );
+    // The HTTP endpoints outlive the drain: `/readyz` answers 503 while the worker drains,
+    // and stops when the worker has stopped (or when start-up fails, through the guard).
+    let http_stop = CancellationToken::new();
+    let http_guard = http_stop.clone().drop_guard();
     let http_addr = telemetry::serve_http(
         config.http.listen,
         metrics.clone(),
         health.clone(),
         pool.clone(),
+        http_stop,
         shutdown.clone(),
     )
     .await
@@ -167,6 +172,7 @@ pub async fn start(
     };
     let (m, h, worker_pool) = (metrics.clone(), health.clone(), pool.clone());
     let handle = tokio::spawn(async move {
+        let _http = http_guard;
         let consumed = consumer::run(&config, handlers, m, h, shutdown.clone()).await;
         // A consumer that cannot start takes the process down with it.
         shutdown.cancel();

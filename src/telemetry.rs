@@ -603,12 +603,14 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the endpoints until `shutdown`; returns the bound address through `bound`.
+/// Serves the endpoints until `stop`; returns the bound address. If the server fails
+/// before that, it cancels `shutdown` (the worker stops with it).
 pub async fn serve_http(
     listen: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
     pool: PgPool,
+    stop: CancellationToken,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let app = Router::new()
@@ -624,14 +626,14 @@ pub async fn serve_http(
     let addr = listener.local_addr()?;
     health.set_component(Component::Http, true);
     tokio::spawn(async move {
-        let stop = shutdown.clone();
+        let stopping = stop.clone();
         let served = tokio::spawn(async move {
             axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .with_graceful_shutdown(async move { stopping.cancelled().await })
                 .await
         })
         .await;
-        if shutdown.is_cancelled() {
+        if stop.is_cancelled() {
             return;
         }
         // Without its endpoints the process cannot be probed or scraped: it ends, visibly,

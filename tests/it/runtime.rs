@@ -722,3 +722,68 @@ async fn replicas_share_every_topic_within_one_partition() {
     }
     h.stop().await;
 }
+
+/// While the worker drains after SIGTERM, its endpoints stay up: `/readyz` answers 503 (no
+/// new traffic for this replica) and `/healthz` 200 (it is not hung), until the batch it
+/// holds is done; then the endpoints go with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_the_worker_drains() {
+    let mut h = Harness::new().await;
+    h.start().await;
+    let addr = h.worker().http_addr;
+    let held = |id: &str| {
+        login(
+            id,
+            "2026-05-01T10:00:00Z",
+            json!({"provider": "p", "subject": "held"}),
+        )
+    };
+    h.produce("p:held", &held("d-0")).await;
+    h.wait_handled(1).await;
+    let mut lock = h.db.pool.begin().await.expect("begin");
+    sqlx::query(
+        "SELECT u.id FROM users u JOIN external_identities e ON e.user_id = u.id
+         WHERE e.subject = 'held' FOR UPDATE OF u",
+    )
+    .execute(&mut *lock)
+    .await
+    .expect("lock the user");
+    h.produce("p:held", &held("d-1")).await;
+    wait_for("the batch waits on the lock", || async {
+        h.db.count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        http_get(addr, "/readyz").await.0,
+        200,
+        "ready before SIGTERM"
+    );
+    h.shutdown.cancel();
+    wait_for("/readyz turns 503 during the drain", || async {
+        http_get(addr, "/readyz").await.0 == 503
+    })
+    .await;
+    assert_eq!(
+        http_get(addr, "/healthz").await.0,
+        200,
+        "alive while draining"
+    );
+    lock.rollback().await.expect("release");
+    h.stop().await;
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM inbox WHERE event_id = 'd-1'")
+            .await,
+        1,
+        "the held batch finished before the worker stopped"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the endpoints stop with the worker"
+    );
+}
