@@ -484,17 +484,20 @@ type Until = Box<dyn Fn(&Readings) -> bool>;
 /// The sum of metric `name`'s series labelled `topic="<topic>"`.
 fn topic_metric(text: &str, name: &str, topic: &str) -> f64 {
     let label = format!("topic=\"{topic}\"");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(text, name, |line| line.contains(&label))
 }
 
 fn sum_metric(text: &str, name: &str) -> f64 {
+    metric_sum(text, name, |_| true)
+}
+
+/// The sum of the series of metric `name` whose line passes `keep`.
+fn metric_sum(text: &str, name: &str, keep: impl Fn(&str) -> bool) -> f64 {
     text.lines()
         .filter(|l| {
             l.starts_with(name)
                 && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+                && keep(l)
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
