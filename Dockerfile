@@ -18,20 +18,22 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential perl pkg-config libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Everything cargo needs to resolve the manifest: the library, both binaries, the
-# integration-test target declared in Cargo.toml, the embedded migrations and `.sqlx/`.
+# Everything cargo needs to resolve the workspace: the library, the binary, the
+# integration-test target declared in Cargo.toml, the benchmark member (not built), the
+# embedded migrations and `.sqlx/`.
 COPY Cargo.toml Cargo.lock ./
 COPY .sqlx ./.sqlx
 COPY migrations ./migrations
 COPY src ./src
 COPY tests ./tests
+COPY bench ./bench
 ENV SQLX_OFFLINE=true \
     CARGO_TERM_COLOR=never
 # Cache mounts keep the registry and compiled dependencies between builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin authsync \
+    cargo build --release --locked -p authsync --bin authsync \
  && install -D -m 0755 target/release/authsync /out/authsync
 
 # ---------------------------------------------------------------- runtime

@@ -2,7 +2,7 @@
 //!
 //! Under glibc malloc, allocation was ~40% of the worker's CPU samples: every event makes
 //! many short-lived buffers, freed on other threads than the ones that made them. jemalloc
-//! cut the worker's CPU per event by about a third in the benchmark (README, Performance).
+//! cut the worker's CPU per event by about a third in the benchmark (docs/PERFORMANCE.md).
 //!
 //! Its options, compiled in (`_RJEM_MALLOC_CONF` in the environment overrides them, e.g.
 //! `narenas:4` on a pod with many cores):

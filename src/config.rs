@@ -1,6 +1,6 @@
 //! One typed, validated configuration: built-in defaults, then an optional TOML file, then
 //! environment variables. Every field is documented in `config/authsync.example.toml` and
-//! in the README's configuration table.
+//! in docs/CONFIGURATION.md.
 //!
 //! Environment variables: `AUTHSYNC_<SECTION>_<FIELD>` sets `<section>.<field>`
 //! (`AUTHSYNC_KAFKA_BROKERS`, `AUTHSYNC_CONSUMER_BATCH_SIZE`, …). `DATABASE_URL` is accepted
@@ -35,6 +35,35 @@ pub enum ConfigError {
     InvalidConnection { connection: String, problem: String },
 }
 
+/// Whether `rest` (an `AUTHSYNC_` variable without its prefix) has the shape of a Kubernetes
+/// service-link variable: `<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT[_<PORT NAME>]`,
+/// `<NAME>_PORT` (`tcp://…`), `<NAME>_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]`.
+fn is_service_link(rest: &str) -> bool {
+    let parts: Vec<&str> = rest.split('_').collect();
+    let proto = |p: &str| matches!(p, "TCP" | "UDP" | "SCTP");
+    let number = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(i) = parts.iter().rposition(|p| *p == "SERVICE") {
+        return i > 0
+            && matches!(parts.get(i + 1), Some(&"HOST") | Some(&"PORT"))
+            && (parts.len() == i + 2 || parts[i + 1] == "PORT");
+    }
+    match parts.iter().rposition(|p| *p == "PORT") {
+        Some(i) if i > 0 => {
+            let tail = &parts[i + 1..];
+            match tail {
+                [] => true,
+                [n, p] => number(n) && proto(p),
+                [n, p, what] => number(n) && proto(p) && matches!(*what, "PROTO" | "PORT" | "ADDR"),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// SASL mechanisms this build can authenticate with.
+pub const SUPPORTED_SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
 /// A setting that cannot work (shared by the modules that compile parts of the config).
 pub(crate) fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -58,6 +87,10 @@ pub struct Config {
     pub trust: TrustConfig,
     pub ingest: IngestConfig,
     pub log: LogConfig,
+    /// `AUTHSYNC_*` variables skipped because they are Kubernetes service links (for a
+    /// Service named `authsync-…`), not settings; logged as a warning at start-up.
+    #[serde(skip)]
+    pub ignored_environment: Vec<String>,
 }
 
 /// Identity depth: account linking, attributes, and IdP group → role mapping.
@@ -241,7 +274,7 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// Address of the webhook endpoints (`POST /hooks/<endpoint>`) and of its own
-    /// `/metrics`, `/healthz`, `/readyz`.
+    /// `/metrics`, `/healthz`, `/readyz`. `[::]` listens on IPv6 and IPv4 alike.
     pub listen: SocketAddr,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
@@ -267,7 +300,7 @@ pub struct IngestConfig {
 impl Default for IngestConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8081)),
             max_body_bytes: 1024 * 1024,
             request_timeout_ms: 15_000,
             ack_timeout_ms: 5_000,
@@ -575,14 +608,15 @@ impl Default for RelayConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    /// Address of `/metrics`, `/healthz`, `/readyz`. `[::]:<port>` (the default) listens on
+    /// IPv6 and IPv4 alike (IPv4 only on a host without IPv6).
     pub listen: SocketAddr,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8080)),
         }
     }
 }
@@ -674,6 +708,7 @@ impl Config {
         // librdkafka property names contain dots, which figment would read as nesting:
         // they go in as one map.
         let mut properties: BTreeMap<String, String> = BTreeMap::new();
+        let mut ignored: Vec<String> = Vec::new();
         for (key, value) in &env {
             if key == "DATABASE_URL" && !has_own_db_url {
                 overrides.push(("database.url".into(), value.clone()));
@@ -681,6 +716,14 @@ impl Config {
                 let name = rest.to_ascii_lowercase().replace('_', ".");
                 properties.insert(name, value.clone());
             } else if let Some(rest) = key.strip_prefix("AUTHSYNC_") {
+                // Policy: an unknown setting stops the start (a typo must not run with a
+                // default), except for the shapes Kubernetes gives service-link variables
+                // (`<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_8080_TCP`, ...), which no setting
+                // has and which a Service named `authsync-kafka` injects into every pod.
+                if is_service_link(rest) {
+                    ignored.push(key.clone());
+                    continue;
+                }
                 let lower = rest.to_ascii_lowercase();
                 let Some((section, field)) = lower.split_once('_') else {
                     continue;
@@ -698,7 +741,7 @@ impl Config {
         if !properties.is_empty() {
             figment = figment.merge(Serialized::global("kafka.properties", properties));
         }
-        let config: Config = figment.extract_lossy().map_err(|e| {
+        let mut config: Config = figment.extract_lossy().map_err(|e| {
             let field = e.path.join(".");
             if field.is_empty() {
                 ConfigError::Load(e.to_string())
@@ -707,6 +750,8 @@ impl Config {
             }
         })?;
         config.validate()?;
+        ignored.sort();
+        config.ignored_environment = ignored;
         Ok(config)
     }
 
@@ -736,6 +781,23 @@ impl Config {
         }
         if self.kafka.group_id.trim().is_empty() {
             return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        // librdkafka is built without libsasl2 (Kerberos) and authsync registers no
+        // OAUTHBEARER token refresh, so those would fail at the first connection (or, for
+        // OAUTHBEARER, fall back to librdkafka's unsecured test tokens): refuse them here.
+        if let Some(mechanism) = self.kafka.properties.get("sasl.mechanism") {
+            if !SUPPORTED_SASL_MECHANISMS
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(mechanism.trim()))
+            {
+                return Err(invalid(
+                    "kafka.properties.sasl.mechanism",
+                    format!(
+                        "`{mechanism}` is not supported (no Kerberos / OAUTHBEARER provider in this build); use one of {}",
+                        SUPPORTED_SASL_MECHANISMS.join(", ")
+                    ),
+                ));
+            }
         }
         for (field, value) in [
             ("topics.login", &self.topics.login),
@@ -1016,6 +1078,65 @@ mod tests {
                 .map(String::as_str),
             Some("SCRAM-SHA-512")
         );
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_skipped_and_typos_still_stop_the_start() {
+        // What a Service named `authsync-kafka` (a Strimzi cluster `authsync`) and one named
+        // `authsync-ingest` inject into every pod of the namespace.
+        let links = [
+            ("AUTHSYNC_KAFKA_SERVICE_HOST", "10.0.0.7"),
+            ("AUTHSYNC_KAFKA_SERVICE_PORT", "9092"),
+            ("AUTHSYNC_KAFKA_SERVICE_PORT_TCP_CLIENTS", "9092"),
+            ("AUTHSYNC_KAFKA_PORT", "tcp://10.0.0.7:9092"),
+            ("AUTHSYNC_KAFKA_PORT_9092_TCP", "tcp://10.0.0.7:9092"),
+            ("AUTHSYNC_KAFKA_PORT_9092_TCP_PROTO", "tcp"),
+            ("AUTHSYNC_KAFKA_PORT_9092_TCP_PORT", "9092"),
+            ("AUTHSYNC_KAFKA_PORT_9092_TCP_ADDR", "10.0.0.7"),
+            ("AUTHSYNC_INGEST_SERVICE_HOST", "10.0.0.8"),
+        ];
+        let mut vars = links.to_vec();
+        vars.push(("AUTHSYNC_CONSUMER_BATCH_SIZE", "7"));
+        let config = Config::load_from(None, env(&vars)).unwrap();
+        assert_eq!(config.consumer.batch_size, 7);
+        let mut expected: Vec<String> = links.iter().map(|(k, _)| k.to_string()).collect();
+        expected.sort();
+        assert_eq!(config.ignored_environment, expected);
+        // A misspelt setting is not a service link: it still names itself and stops the start.
+        for typo in [
+            "AUTHSYNC_CONSUMER_BATCH_SIZ",
+            "AUTHSYNC_KAFKA_PORTS",
+            "AUTHSYNC_KAFKA_PORT_X_TCP",
+            "AUTHSYNC_HTTP_SERVICE",
+        ] {
+            let err = Config::load_from(None, env(&[(typo, "1")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("unknown field"), "{typo}: {err}");
+        }
+    }
+
+    #[test]
+    fn sasl_mechanisms_without_a_provider_in_this_build_are_refused() {
+        for refused in ["GSSAPI", "OAUTHBEARER", "kerberos"] {
+            let err = Config::load_from(
+                None,
+                env(&[("AUTHSYNC_KAFKA_PROPERTY_SASL_MECHANISM", refused)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("kafka.properties.sasl.mechanism") && err.contains(refused),
+                "{refused}: {err}"
+            );
+        }
+        for accepted in ["PLAIN", "SCRAM-SHA-256", "scram-sha-512"] {
+            Config::load_from(
+                None,
+                env(&[("AUTHSYNC_KAFKA_PROPERTY_SASL_MECHANISM", accepted)]),
+            )
+            .unwrap();
+        }
     }
 
     #[test]

@@ -149,6 +149,12 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init_tracing(&config.log);
+    if !config.ignored_environment.is_empty() {
+        tracing::warn!(
+            variables = ?config.ignored_environment,
+            "ignoring AUTHSYNC_* variables shaped like Kubernetes service links (set enableServiceLinks: false on the pod to stop them)"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
         .enable_all()

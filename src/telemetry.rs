@@ -610,7 +610,7 @@ pub async fn serve_http(
             health: health.clone(),
             pool,
         });
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = bind_listener(listen)?;
     let addr = listener.local_addr()?;
     health.set_component(Component::Http, true);
     tokio::spawn(async move {
@@ -637,9 +637,76 @@ pub async fn serve_http(
     Ok(addr)
 }
 
+/// Binds an HTTP listener. `[::]` listens on IPv6 *and* IPv4 (IPV6_V6ONLY is switched off
+/// explicitly, whatever `net.ipv6.bindv6only` says), so one default serves IPv4-only,
+/// dual-stack and IPv6-only clusters. On a host without IPv6 at all, `[::]` falls back to
+/// `0.0.0.0` with a warning rather than failing the start.
+pub fn bind_listener(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+        // A restarted process can rebind while the old connections sit in TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    };
+    let listener = match open(listen) {
+        Err(e)
+            if listen.is_ipv6()
+                && listen.ip().is_unspecified()
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], listen.port()));
+            tracing::warn!(%listen, fallback = %v4, error = %e, "no IPv6 on this host; listening on IPv4 only");
+            open(v4)?
+        }
+        other => other?,
+    };
+    tokio::net::TcpListener::from_std(listener)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default listen address must serve IPv4 clients (kubelet probes on an IPv4 pod IP)
+    /// and IPv6 clients alike, whatever `net.ipv6.bindv6only` says.
+    #[tokio::test]
+    async fn the_unspecified_ipv6_address_accepts_ipv4_and_ipv6_clients() {
+        let listener = bind_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+            .expect("bind [::]:0");
+        let port = listener.local_addr().expect("local addr").port();
+        let accept = tokio::spawn(async move {
+            for _ in 0..2 {
+                let _ = listener.accept().await.expect("accept");
+            }
+        });
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("an IPv4 client reaches [::]");
+        let ipv6_host = std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.is_empty());
+        if ipv6_host {
+            tokio::net::TcpStream::connect(("::1", port))
+                .await
+                .expect("an IPv6 client reaches [::]");
+        } else {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("second IPv4 client");
+        }
+        tokio::time::timeout(Duration::from_secs(5), accept)
+            .await
+            .expect("both accepted")
+            .expect("accept task");
+    }
 
     #[test]
     fn one_stuck_partition_makes_the_process_unready_whatever_the_others_do() {

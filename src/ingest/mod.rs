@@ -272,8 +272,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> anyhow::Resu
         broker_ok: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
     });
-    let listener = tokio::net::TcpListener::bind(ingest.listen)
-        .await
+    let listener = crate::telemetry::bind_listener(ingest.listen)
         .with_context(|| format!("cannot listen on {} (ingest.listen)", ingest.listen))?;
     let addr = listener.local_addr()?;
     let app = Router::new()

@@ -38,7 +38,11 @@ failures: list[str] = []
 
 # Capabilities of a cluster running the Prometheus Operator and KEDA.
 CRDS = ["monitoring.coreos.com/v1", "monitoring.coreos.com/v1/ServiceMonitor",
+        "monitoring.coreos.com/v1/PrometheusRule",
         "keda.sh/v1alpha1", "keda.sh/v1alpha1/ScaledObject"]
+REPO = os.path.dirname(os.path.dirname(CHART))
+# Every manifest rendered by a scenario, checked against the Kubernetes / CRD schemas at the end.
+scenario_docs: dict[str, list[dict]] = {}
 HOOK = "helm.sh/hook"
 
 
@@ -108,15 +112,18 @@ def rejected(values: dict, needle: str, label: str, api_versions: list[str] | No
         check(needle in msg, f"{label} is rejected ({msg[:140]})" + ("" if needle in msg else f" - expected {needle!r}"))
 
 
-def scenario(name: str, values: dict | None) -> list[dict]:
-    docs = render(values)
+def scenario(name: str, values: dict | None, api_versions: list[str] | None = None) -> list[dict]:
+    docs = render(values, api_versions)
+    scenario_docs[name] = docs
     check(True, f"[{name}] renders; every manifest parses as YAML")
     lint = helm.lint(CHART, values, strict=True, namespace="apps")
     msgs = [m for m in lint.get("messages", []) if m.get("severity", 0) >= 2]
     check(not lint.get("errors") and not msgs, f"[{name}] helm lint --strict (with values.schema.json): {lint.get('errors') or msgs or 'clean'}")
     merged = helm.Chart.load(CHART).merge_values(values)
 
-    cm = one(docs, "ConfigMap")
+    cms = [d for d in kinds(docs, "ConfigMap") if "authsync.toml" in (d.get("data") or {})]
+    check(len(cms) == 1, f"[{name}] one ConfigMap holds authsync.toml")
+    cm = cms[0]
     dep = one(docs, "Deployment")
     pod = dep["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -164,7 +171,7 @@ def scenario(name: str, values: dict | None) -> list[dict]:
         check(not pdbs, f"[{name}] no PDB when pdb.enabled=false")
 
     # ServiceMonitor: never without the CRD's API; with it only when enabled.
-    check(not kinds(docs, "ServiceMonitor"), f"[{name}] no ServiceMonitor without monitoring.coreos.com/v1")
+    check(not kinds(render(values) if api_versions else docs, "ServiceMonitor"), f"[{name}] no ServiceMonitor without monitoring.coreos.com/v1")
     with_crds = render(values, CRDS)
     sms = kinds(with_crds, "ServiceMonitor")
     want_sm = merged["serviceMonitor"]["enabled"]
@@ -293,7 +300,7 @@ for path in sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml"))):
               f"[{base}] the Ingress exposes only /hooks/")
         toml = one(docs, "ConfigMap")["data"]["authsync.toml"]
         check("[trust.sources.clerk-prod]" in toml and "[ingest.endpoints.okta-prod]" in toml
-              and 'listen = "0.0.0.0:8081"' in toml,
+              and 'listen = "[::]:8081"' in toml,
               f"[{base}] trust sources and ingest endpoints render as named tables")
     else:
         check(not kinds(docs, "Deployment", ingest=True), f"[{base}] no ingest Deployment unless enabled")
@@ -405,6 +412,139 @@ a = one(render(None), "Deployment")["spec"]["template"]["metadata"]["annotations
 b = one(render({"config": {"consumer": {"batch_size": 499}}}), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 c2 = one(render({"replicaCount": 2}), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 check(a != b and a == c2, "checksum/config changes with the config, and only with it")
+
+# ---------------------------------------------------------------------------------------
+# Monitoring objects, NetworkPolicy, topology spread, KEDA floor, migration deadline, SASL.
+check(open(os.path.join(CHART, "files", "alerts.yaml")).read()
+      == open(os.path.join(REPO, "deploy", "prometheus", "alerts.yaml")).read(),
+      "files/alerts.yaml is the same as deploy/prometheus/alerts.yaml")
+check(open(os.path.join(CHART, "files", "dashboard.json")).read()
+      == open(os.path.join(REPO, "deploy", "grafana", "authsync.json")).read(),
+      "files/dashboard.json is the same as deploy/grafana/authsync.json")
+check(not kinds(render({"prometheusRule": {"enabled": True}}), "PrometheusRule"),
+      "PrometheusRule needs the monitoring.coreos.com/v1 API")
+full_values = {"prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
+                                  "runbookBaseUrl": "https://git.example.com/authsync/-/blob/main/"},
+               "serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True},
+               "ingest": {"enabled": True}, "keda": {"enabled": True},
+               "networkPolicy": {"allowExternalEgress": False,
+                                 "egressTo": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+                                               "ports": [{"port": 5432}, {"port": 9092}]}],
+                                 "ingressFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+               "config": {"kafka": {"group_id": "auth-prod"}}}
+full = scenario("everything on", full_values, CRDS)
+rule = one(full, "PrometheusRule")
+exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+check(rule["metadata"]["labels"].get("release") == "kube-prometheus-stack"
+      and all('job="authsync"' not in e for e in exprs)
+      and any('up{job="demo-authsync",namespace="apps"}' in e for e in exprs)
+      and sum('job="demo-authsync",namespace="apps"' in e for e in exprs) >= 15
+      and all('consumergroup="authsync"' not in e for e in exprs)
+      and sum('consumergroup="auth-prod"' in e for e in exprs) == 2,
+      "PrometheusRule: every selector names this release's job (the Service) and namespace, and its consumer group")
+urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"]]
+check(all(u.startswith("https://git.example.com/authsync/-/blob/main/docs/OPERATIONS.md#") for u in urls),
+      "PrometheusRule: runbook links carry prometheusRule.runbookBaseUrl")
+check(one(full, "Service")["metadata"]["name"] == "demo-authsync",
+      "the ServiceMonitor's job (the Service's name) is the rules' job")
+dash = [d for d in kinds(full, "ConfigMap") if d["metadata"]["name"] == "demo-authsync-dashboard"]
+check(len(dash) == 1 and dash[0]["metadata"]["labels"].get("grafana_dashboard") == "1"
+      and json.loads(dash[0]["data"]["authsync.json"])["title"]
+      == json.load(open(os.path.join(REPO, "deploy", "grafana", "authsync.json")))["title"],
+      "dashboard ConfigMap: the dashboard JSON, labelled for Grafana's sidecar")
+nps = {d["metadata"]["name"]: d["spec"] for d in kinds(full, "NetworkPolicy")}
+w, i = nps.get("demo-authsync", {}), nps.get("demo-authsync-ingest", {})
+check(set(nps) == {"demo-authsync", "demo-authsync-ingest"}
+      and w["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+      and i["ingress"][0]["ports"] == [{"port": 8081, "protocol": "TCP"}]
+      and w["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+      and i["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "ingest"
+      and w["ingress"][0]["from"] == full_values["networkPolicy"]["ingressFrom"]
+      and w["policyTypes"] == ["Ingress", "Egress"]
+      and {"port": 53, "protocol": "UDP"} in w["egress"][0]["ports"]
+      and w["egress"][1] == full_values["networkPolicy"]["egressTo"][0],
+      "NetworkPolicy per component: only its HTTP port in; DNS and egressTo out when egress is closed")
+d_np = {d["metadata"]["name"]: d["spec"] for d in kinds(default_docs, "NetworkPolicy")}
+check(list(d_np) == ["demo-authsync"] and d_np["demo-authsync"]["policyTypes"] == ["Ingress"]
+      and "from" not in d_np["demo-authsync"]["ingress"][0],
+      "NetworkPolicy by default: HTTP port from anywhere (probes, Prometheus), egress open")
+check(not kinds(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy"), "networkPolicy.enabled false removes it")
+d_dep = one(default_docs, "Deployment")
+spread = d_dep["spec"]["template"]["spec"].get("topologySpreadConstraints") or []
+check([(t["topologyKey"], t["maxSkew"], t["whenUnsatisfiable"]) for t in spread]
+      == [("topology.kubernetes.io/zone", 1, "ScheduleAnyway"), ("kubernetes.io/hostname", 1, "ScheduleAnyway")]
+      and all(t["labelSelector"]["matchLabels"] == d_dep["spec"]["selector"]["matchLabels"] for t in spread),
+      "default topology spread: zones then nodes, maxSkew 1, ScheduleAnyway, this Deployment's pods")
+ingest_dep = one(full, "Deployment", ingest=True)
+check(all(t["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "ingest"
+          for t in ingest_dep["spec"]["template"]["spec"]["topologySpreadConstraints"]),
+      "the ingest pods spread by their own labels")
+own = [{"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+        "labelSelector": {"matchLabels": {"app": "x"}}}]
+check(one(render({"topologySpreadConstraints": own}), "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"] == own
+      and "topologySpreadConstraints" not in one(render({"defaultTopologySpread": False}), "Deployment")["spec"]["template"]["spec"],
+      "topologySpreadConstraints replace the default; defaultTopologySpread false removes it")
+check(one(default_docs, "Job", hooks=True)["spec"]["activeDeadlineSeconds"] < 300,
+      "migration Job deadline (270 s) is within helm's default --timeout (300 s)")
+check('listen = "[::]:8080"' in one(default_docs, "ConfigMap")["data"]["authsync.toml"], "http.listen is [::]:<containerPort> (IPv6 and IPv4)")
+rejected({"keda": {"enabled": True, "minReplicaCount": 0}}, "allowScaleToZero", "KEDA minReplicaCount 0 without allowScaleToZero")
+check(one(render({"keda": {"enabled": True, "minReplicaCount": 0, "allowScaleToZero": True}}), "ScaledObject")["spec"]["minReplicaCount"] == 0,
+      "KEDA minReplicaCount 0 with allowScaleToZero")
+for mech in ["GSSAPI", "OAUTHBEARER"]:
+    rejected({"kafka": {"securityProtocol": "SASL_SSL", "sasl": {"mechanism": mech}}}, "/kafka/sasl/mechanism",
+             f"schema: kafka.sasl.mechanism {mech} (no provider in the binary)")
+    rejected({"config": {"kafka": {"properties": {"security.protocol": "SASL_SSL", "sasl.mechanism": mech}}}},
+             "not supported", f"guard: config.kafka.properties sasl.mechanism {mech}")
+rejected({"kafka": {"securityProtocol": "SASL_SSL"}}, "needs kafka.sasl.mechanism", "guard: SASL without a mechanism (librdkafka's default is GSSAPI)")
+
+# ---------------------------------------------------------------------------------------
+# Every rendered manifest against the Kubernetes schemas (kubernetes-validate, strict: unknown
+# fields fail) and the custom resources against their CRDs' schemas (ci/crds.mjs).
+import kubernetes_validate  # noqa: E402 - only this section needs it
+
+K8S_VERSION = "1.33"
+custom: list[dict] = []
+for name, docs in scenario_docs.items():
+    bad = []
+    for d in docs:
+        if "." in d["apiVersion"].split("/")[0] and not d["apiVersion"].startswith(("apps/", "batch/", "policy/", "networking.k8s.io/")):
+            custom.append(d)
+            continue
+        try:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        except Exception as e:  # noqa: BLE001 - ValidationError and friends
+            bad.append(f"{d['kind']}/{d['metadata']['name']}: {' '.join(str(e).split())[:200]}")
+    check(not bad, f"[{name}] {len(docs)} manifests valid against the Kubernetes {K8S_VERSION} schemas (strict){': ' + '; '.join(bad) if bad else ''}")
+with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    json.dump(custom, f)
+crd = subprocess.run(["node", os.path.join(CHART, "ci", "crds.mjs"), f.name], capture_output=True, text=True)
+print(crd.stdout.rstrip())
+kinds_seen = sorted({d["kind"] for d in custom})
+check(crd.returncode == 0 and kinds_seen == ["PrometheusRule", "ScaledObject", "ServiceMonitor", "TriggerAuthentication"],
+      f"custom resources valid against their CRD schemas ({', '.join(kinds_seen)}){crd.stderr[-300:]}")
+
+# ---------------------------------------------------------------------------------------
+# promtool: the plain rule file and its tests, then the rules as rendered for a release.
+def promtool(*args: str, cwd: str | None = None) -> tuple[bool, str]:
+    r = subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=cwd)
+    return r.returncode == 0, " ".join((r.stdout + r.stderr).split())[-300:]
+
+
+prom_dir = os.path.join(REPO, "deploy", "prometheus")
+ok, out = promtool("check", "rules", "alerts.yaml", cwd=prom_dir)
+check(ok, f"promtool check rules deploy/prometheus/alerts.yaml: {out}")
+ok, out = promtool("test", "rules", "alerts_test.yaml", cwd=prom_dir)
+check(ok, f"promtool test rules deploy/prometheus/alerts_test.yaml: {out}")
+with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "rendered-alerts.yaml"), "w") as f:
+        yaml.safe_dump({"groups": rule["spec"]["groups"]}, f, sort_keys=False)
+    with open(os.path.join(CHART, "ci", "rendered_alerts_test.yaml")) as src, \
+            open(os.path.join(tmp, "rendered_alerts_test.yaml"), "w") as dst:
+        dst.write(src.read())
+    ok, out = promtool("check", "rules", "rendered-alerts.yaml", cwd=tmp)
+    check(ok, f"promtool check rules on the rendered PrometheusRule: {out}")
+    ok, out = promtool("test", "rules", "rendered_alerts_test.yaml", cwd=tmp)
+    check(ok, f"promtool test rules ci/rendered_alerts_test.yaml (release demo, group auth-prod): {out}")
 
 # values.schema.json.
 chart = helm.Chart.load(CHART)

@@ -140,14 +140,14 @@ Returns YAML; use with fromYaml.
 {{- if hasKey $http "listen" }}
 {{- fail "config.http.listen is set by the chart: change containerPort instead" }}
 {{- end }}
-{{- $_ := set $http "listen" (printf "0.0.0.0:%d" (int .Values.containerPort)) }}
+{{- $_ := set $http "listen" (printf "[::]:%d" (int .Values.containerPort)) }}
 {{- $_ := set $config "http" $http }}
 {{- $ingest := get $config "ingest" | default dict }}
 {{- if hasKey $ingest "listen" }}
 {{- fail "config.ingest.listen is set by the chart: change ingest.containerPort instead" }}
 {{- end }}
 {{- if .Values.ingest.enabled }}
-{{- $_ := set $ingest "listen" (printf "0.0.0.0:%d" (int .Values.ingest.containerPort)) }}
+{{- $_ := set $ingest "listen" (printf "[::]:%d" (int .Values.ingest.containerPort)) }}
 {{- $_ := set $config "ingest" $ingest }}
 {{- end }}
 {{- toYaml $config }}
@@ -263,6 +263,13 @@ environment variable would silently win).
 {{- end }}
 {{- if and $k.sasl.mechanism (hasKey $props "sasl.mechanism") }}
 {{- fail "kafka.sasl.mechanism and config.kafka.properties.sasl.mechanism are both set: keep one" }}
+{{- end }}
+{{- $mechanism := include "authsync.kafkaSaslMechanism" . }}
+{{- if and $mechanism (not (has $mechanism (list "PLAIN" "SCRAM-SHA-256" "SCRAM-SHA-512"))) }}
+{{- fail (printf "Kafka SASL mechanism %q is not supported: authsync's librdkafka is built without Kerberos (GSSAPI) and without an OAUTHBEARER token provider; use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512" $mechanism) }}
+{{- end }}
+{{- if and (hasPrefix "SASL_" (include "authsync.kafkaSecurityProtocol" .)) (not $mechanism) }}
+{{- fail "Kafka security protocol SASL_* needs kafka.sasl.mechanism (librdkafka would default to GSSAPI, which authsync does not support)" }}
 {{- end }}
 {{- if and (or $k.tls.ca.existingSecret $k.tls.ca.existingConfigMap) (hasKey $props "ssl.ca.location") }}
 {{- fail "config.kafka.properties.ssl.ca.location must not be set together with kafka.tls.ca: the chart mounts the CA and sets ssl.ca.location itself" }}
@@ -431,5 +438,30 @@ Check: the grace period must outlast the consumer drain plus the final commit.
 {{- $graceMs := mul (int .Values.terminationGracePeriodSeconds) 1000 }}
 {{- if lt $graceMs (add $drainMs 5000) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d s) must exceed config.consumer.drain_timeout_ms (%d ms) by at least 5 s, or Kubernetes kills the worker before it has drained and committed" (int .Values.terminationGracePeriodSeconds) $drainMs) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Topology spread of a Deployment's pods: topologySpreadConstraints if given; otherwise, with
+defaultTopologySpread, across zones and then nodes (maxSkew 1, ScheduleAnyway: a preference
+that never keeps a pod Pending). Call with (dict "root" $ "selector" <selector labels>).
+*/}}
+{{- define "authsync.topologySpread" -}}
+{{- $root := .root }}
+{{- if $root.Values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml $root.Values.topologySpreadConstraints | nindent 2 }}
+{{- else if $root.Values.defaultTopologySpread }}
+topologySpreadConstraints:
+  {{- range list "topology.kubernetes.io/zone" "kubernetes.io/hostname" }}
+  - maxSkew: 1
+    topologyKey: {{ . }}
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- $.selector | nindent 8 }}
+    matchLabelKeys:
+      - pod-template-hash
+  {{- end }}
 {{- end }}
 {{- end }}
