@@ -63,6 +63,8 @@ pub struct Metrics {
     pub relay_publish_seconds: Histogram,
     pub outbox_publish_delay_seconds: Histogram,
     pub partitions_assigned: IntGaugeVec,
+    /// `authsync_partition_owned{topic,partition}`: present (1) while this process owns it.
+    pub partition_owned: IntGaugeVec,
     pub partition_stalled: IntGaugeVec,
     pub component_up: IntGaugeVec,
     pub relay_parked: IntCounter,
@@ -269,6 +271,14 @@ impl Metrics {
             &["topic"],
         )
         .unwrap_or_else(|e| panic!("metric partitions_assigned: {e}"));
+        let partition_owned = IntGaugeVec::new(
+            Opts::new(
+                "partition_owned",
+                "1 for each input partition this process owns (which replica reads what)",
+            ),
+            &["topic", "partition"],
+        )
+        .unwrap_or_else(|e| panic!("metric partition_owned: {e}"));
         for c in [
             Box::new(batch_seconds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(consume_delay_seconds.clone()),
@@ -277,6 +287,7 @@ impl Metrics {
             Box::new(relay_publish_seconds.clone()),
             Box::new(outbox_publish_delay_seconds.clone()),
             Box::new(partitions_assigned.clone()),
+            Box::new(partition_owned.clone()),
         ] {
             registry
                 .register(c)
@@ -302,6 +313,7 @@ impl Metrics {
             relay_publish_seconds,
             outbox_publish_delay_seconds,
             partitions_assigned,
+            partition_owned,
             partition_stalled,
             component_up,
             relay_parked,

@@ -112,8 +112,11 @@ impl Bench {
         };
         let partitions = f64::from(self.args.partitions);
         wait(
-            "the login partitions are owned",
-            Box::new(move |r| r.iter().map(|(owned, _, _)| owned).sum::<f64>() == partitions),
+            "replicas share the login partitions",
+            Box::new(move |r| {
+                r.iter().all(|(owned, _, _)| *owned > 0.0)
+                    && r.iter().map(|(owned, _, _)| owned).sum::<f64>() == partitions
+            }),
         )
         .await?;
         self.produce(&topic, signups).await?;

@@ -227,6 +227,15 @@ enum Assigned {
 /// Rebalance hooks: give new partitions their own queue before their fetch starts, drain
 /// revoked partitions before they go to another consumer.
 pub struct PipelineContext {
+    /// The one input topic this consumer reads (see [`run`]: one group member per topic).
+    topic: String,
+    /// Its partitions as last exported (`authsync_partition_owned`).
+    owned: Mutex<HashSet<i32>>,
+    /// Told of this member's first assignment (see [`StartUp`]).
+    start_up: Arc<StartUp>,
+    first_assignment_seen: AtomicBool,
+    /// Counts this member's completed rebalances (see [`leave_one_by_one`]).
+    rebalances: tokio::sync::watch::Sender<u64>,
     partitions: Arc<Partitions>,
     /// Partitions whose queue is already split off (a split lasts for the client's life).
     split: Mutex<HashSet<PartitionKey>>,
@@ -337,22 +346,82 @@ impl ConsumerContext for PipelineContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            tracing::info!(topic = %self.topic, partitions = tpl.count(), "partitions assigned");
+            if !self.first_assignment_seen.swap(true, Ordering::SeqCst) {
+                self.start_up.member_assigned();
+            }
         }
-        if let Ok(assignment) = consumer.assignment() {
-            let mut per_topic: HashMap<String, i64> = HashMap::new();
-            for e in assignment.elements() {
-                *per_topic.entry(e.topic().to_string()).or_default() += 1;
-            }
-            self.metrics.partitions_assigned.reset();
-            for (topic, n) in per_topic {
-                self.metrics
-                    .partitions_assigned
-                    .with_label_values(&[&topic])
-                    .set(n);
-            }
+        self.publish_assignment(consumer);
+        self.rebalances.send_modify(|n| *n += 1);
+    }
+}
+
+impl PipelineContext {
+    /// Exports what this member owns now (after a rebalance, either way).
+    fn publish_assignment(&self, consumer: &BaseConsumer<Self>) {
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let owned: HashSet<i32> = assignment
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        let m = &self.metrics;
+        m.partitions_assigned
+            .with_label_values(&[&self.topic])
+            .set(owned.len() as i64);
+        let Ok(mut published) = self.owned.lock() else {
+            return;
+        };
+        for gone in published.difference(&owned) {
+            let _ = m
+                .partition_owned
+                .remove_label_values(&[&self.topic, &gone.to_string()]);
+        }
+        for p in &owned {
+            m.partition_owned
+                .with_label_values(&[&self.topic, &p.to_string()])
+                .set(1);
+        }
+        *published = owned;
+    }
+}
+
+/// The process's members join the group one by one, and each join re-balances the members
+/// already in. Partition tasks pull only once every member has had its first assignment
+/// (or after [`START_UP_SETTLE_MAX`]), so no batch is taken from a fetch the next join
+/// discards and fetches again from the committed offset. (tansu 0.6 returns nothing for a
+/// fetch that starts inside a record batch, so there such a re-fetch stalled the partition.)
+struct StartUp {
+    members: usize,
+    assigned: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::watch::Sender<bool>,
+}
+
+/// Longest the partition tasks wait for the other members' first assignments.
+const START_UP_SETTLE_MAX: Duration = Duration::from_secs(10);
+
+impl StartUp {
+    fn member_assigned(&self) {
+        if self.assigned.fetch_add(1, Ordering::SeqCst) + 1 >= self.members {
+            self.settled.send_replace(true);
         }
     }
+}
+
+/// The settings of the group member that reads `topic`: the ones authsync relies on
+/// ([`consumer_client_config`]), and a static member id of its own when one is set (two
+/// members with one id would fence each other).
+fn topic_consumer_config(config: &Config, topic: &str) -> rdkafka::ClientConfig {
+    let mut cc = consumer_client_config(config);
+    if let Some(id) = cc.get("group.instance.id").map(str::to_owned) {
+        cc.set("group.instance.id", format!("{id}-{topic}"));
+    }
+    let client_id = cc.get("client.id").unwrap_or("authsync").to_owned();
+    cc.set("client.id", format!("{client_id}-{topic}"));
+    cc
 }
 
 /// The consumer settings authsync relies on; user properties cannot override them.
@@ -614,6 +683,8 @@ struct PartitionWorker {
     in_flight: Arc<Semaphore>,
     /// The first attempt of every batch goes through the topic's combiner.
     combiner: Arc<Combiner>,
+    /// True once the process's group members have settled (see [`StartUp`]).
+    settled: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PartitionWorker {
@@ -621,8 +692,16 @@ impl PartitionWorker {
         tracing::warn!(topic = %self.key.0, partition = self.key.1, error = %e, "Kafka consumer error");
     }
 
-    async fn run(self, queue: PartitionQueue, shutdown: CancellationToken) {
+    async fn run(mut self, queue: PartitionQueue, shutdown: CancellationToken) {
         let linger = Duration::from_millis(self.config.batch_linger_ms);
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                self.health.forget(&self.key.0, self.key.1);
+                return;
+            }
+            _ = self.settled.wait_for(|settled| *settled) => {}
+        }
         let consumed = self.metrics.consumed.with_label_values(&[&self.key.0]);
         loop {
             // A message that was already queued (it waited behind the previous batch) goes
@@ -907,6 +986,89 @@ async fn close_within(consumer: Arc<PipelineConsumer>, deadline: tokio::time::In
     }
 }
 
+/// Longest a member waits, after another member of the process left, for the rebalance
+/// that leave caused before it leaves too.
+const LEAVE_SETTLE_MAX: Duration = Duration::from_secs(5);
+/// How long the members staying must see no further rebalance before the next one leaves.
+const LEAVE_QUIET: Duration = Duration::from_millis(500);
+
+/// The process's members leave the group one at a time. Each leave starts a rebalance
+/// that the members still in must complete (their pollers keep serving it) before the
+/// next one leaves. Two members leaving within one rebalance left tansu 0.6 with a group
+/// whose leader was gone: every later join (a replay, the next worker) waited on that
+/// leader's assignment for good. Bounded by the drain deadline and [`LEAVE_SETTLE_MAX`].
+async fn leave_one_by_one(
+    consumers: HashMap<String, Arc<PipelineConsumer>>,
+    mut pollers: HashMap<String, (CancellationToken, JoinHandle<()>)>,
+    deadline: tokio::time::Instant,
+) {
+    let mut members: Vec<(String, Arc<PipelineConsumer>)> = consumers.into_iter().collect();
+    members.sort_by(|a, b| a.0.cmp(&b.0));
+    let watch =
+        |members: &[(String, Arc<PipelineConsumer>)]| -> Vec<tokio::sync::watch::Receiver<u64>> {
+            members
+                .iter()
+                .map(|(_, c)| {
+                    let mut seen = c.context().rebalances.subscribe();
+                    seen.mark_unchanged();
+                    seen
+                })
+                .collect()
+        };
+    while !members.is_empty() {
+        // Closing a member in the middle of an assignment aborts inside librdkafka
+        // (`!rd_kafka_assignment_in_progress`), and a cooperative rebalance can take a
+        // second round: leave only once every member still here has been quiet a moment.
+        let mut present = watch(&members);
+        let settle = deadline.min(tokio::time::Instant::now() + LEAVE_SETTLE_MAX);
+        let _ = tokio::time::timeout_at(settle, quiet(&mut present)).await;
+        let (topic, consumer) = members.remove(0);
+        let mut staying = watch(&members);
+        if let Some((poller_stop, poller)) = pollers.remove(&topic) {
+            poller_stop.cancel();
+            let _ = poller.await;
+        }
+        close_within(consumer, deadline).await;
+        if staying.is_empty() {
+            break;
+        }
+        // The members staying must see the rebalance this leave caused.
+        let settle = deadline.min(tokio::time::Instant::now() + LEAVE_SETTLE_MAX);
+        let seen = tokio::time::timeout_at(settle, async {
+            for seen in &mut staying {
+                let _ = seen.changed().await;
+            }
+        })
+        .await;
+        if seen.is_err() {
+            tracing::info!(%topic, "the other members did not rebalance after this one left; leaving anyway");
+        }
+    }
+    for (_, (poller_stop, poller)) in pollers {
+        poller_stop.cancel();
+        let _ = poller.await;
+    }
+}
+
+/// Returns once none of `seen` has changed for [`LEAVE_QUIET`].
+async fn quiet(seen: &mut [tokio::sync::watch::Receiver<u64>]) {
+    if seen.is_empty() {
+        return;
+    }
+    loop {
+        let changed = futures::future::select_all(seen.iter_mut().map(|s| Box::pin(s.changed())));
+        tokio::select! {
+            _ = tokio::time::sleep(LEAVE_QUIET) => return,
+            (result, _, _) = changed => {
+                if result.is_err() {
+                    // A member's context is gone: nothing more to wait for.
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// How often (and how long at most) the consumer asks the brokers for metadata to tell
 /// readiness whether they are reachable.
 const BROKER_PROBE_EVERY: Duration = Duration::from_secs(3);
@@ -922,29 +1084,60 @@ pub async fn run(
     let partitions = Arc::new(Partitions::default());
     let hard_abort = CancellationToken::new();
     let (assigned_tx, mut assigned) = mpsc::unbounded_channel();
-    let context = PipelineContext {
-        partitions: partitions.clone(),
-        split: Mutex::new(HashSet::new()),
-        consumer: OnceLock::new(),
-        assigned: assigned_tx,
-        hard_abort: hard_abort.clone(),
-        drain_timeout: config.drain_timeout(),
-        metrics: metrics.clone(),
-    };
-    let consumer: PipelineConsumer = consumer_client_config(config)
-        .create_with_context(context)
-        .map_err(ConsumerError::Create)?;
-    let consumer = Arc::new(consumer);
-    // Before subscribing: no rebalance callback can run without it.
-    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-    let topics: Vec<String> = handlers.keys().cloned().collect();
-    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topic_refs)
-        .map_err(|source| ConsumerError::Subscribe {
-            topics: topics.clone(),
-            source,
-        })?;
+    let mut topics: Vec<String> = handlers.keys().cloned().collect();
+    topics.sort();
+    // One group member per input topic, all in the one group. The assignor balances the
+    // number of partitions per member: with a member reading both topics, two replicas
+    // settled on one owning every login partition and the other every merge partition.
+    // Members of one topic each share only that topic, so each topic spreads within ±1.
+    let mut consumers: HashMap<String, Arc<PipelineConsumer>> = HashMap::new();
+    let (settled_tx, settled) = tokio::sync::watch::channel(false);
+    let start_up = Arc::new(StartUp {
+        members: topics.len(),
+        assigned: std::sync::atomic::AtomicUsize::new(0),
+        settled: settled_tx,
+    });
+    {
+        let start_up = start_up.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(START_UP_SETTLE_MAX).await;
+            if !start_up.settled.send_replace(true) {
+                tracing::info!(
+                    "not every group member was assigned within the start-up wait; pulling anyway"
+                );
+            }
+        });
+    }
+    for topic in &topics {
+        let context = PipelineContext {
+            topic: topic.clone(),
+            owned: Mutex::new(HashSet::new()),
+            start_up: start_up.clone(),
+            first_assignment_seen: AtomicBool::new(false),
+            rebalances: tokio::sync::watch::channel(0).0,
+            partitions: partitions.clone(),
+            split: Mutex::new(HashSet::new()),
+            consumer: OnceLock::new(),
+            assigned: assigned_tx.clone(),
+            hard_abort: hard_abort.clone(),
+            drain_timeout: config.drain_timeout(),
+            metrics: metrics.clone(),
+        };
+        let consumer: PipelineConsumer = topic_consumer_config(config, topic)
+            .create_with_context(context)
+            .map_err(ConsumerError::Create)?;
+        let consumer = Arc::new(consumer);
+        // Before subscribing: no rebalance callback can run without it.
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        consumer
+            .subscribe(&[topic.as_str()])
+            .map_err(|source| ConsumerError::Subscribe {
+                topics: vec![topic.clone()],
+                source,
+            })?;
+        consumers.insert(topic.clone(), consumer);
+    }
+    drop(assigned_tx);
     tracing::info!(?topics, group = %config.kafka.group_id, "consumer started");
     health.consumer_running.store(true, Ordering::Relaxed);
 
@@ -966,6 +1159,39 @@ pub async fn run(
     // below stops on an error while `shutdown` is still live.
     let stop = shutdown.child_token();
     let mut failed = None;
+    // Each member's shared queue carries its rebalances and errors only; polling it serves
+    // them. A message there means a partition was not split off: the loop stops on it.
+    let (unsplit_tx, mut unsplit) = mpsc::unbounded_channel();
+    // A member's poller runs until that member leaves (see [`leave_one_by_one`]): the
+    // members still in the group must answer the rebalance each leave causes.
+    let mut pollers: HashMap<String, (CancellationToken, JoinHandle<()>)> = HashMap::new();
+    for (topic, consumer) in &consumers {
+        let poller_stop = CancellationToken::new();
+        let handle = {
+            let (consumer, unsplit_tx, stop) =
+                (consumer.clone(), unsplit_tx.clone(), poller_stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        received = consumer.recv() => match received {
+                            Ok(message) => {
+                                let _ = unsplit_tx.send((message.topic().to_string(), message.partition()));
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Kafka consumer error");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        },
+                    }
+                }
+            })
+        };
+        pollers.insert(topic.clone(), (poller_stop, handle));
+    }
+    drop(unsplit_tx);
     // Readiness shows a broker outage: an idle consumer would not notice one otherwise.
     // The probe has a client of its own: metadata requests on the group consumer's client
     // made it rejoin the group over and over (seen with the mock cluster: no assignment
@@ -976,7 +1202,6 @@ pub async fn run(
     let mut probe = tokio::time::interval(BROKER_PROBE_EVERY);
     let mut probing: Option<JoinHandle<bool>> = None;
     loop {
-        // The shared queue carries rebalances and errors only; polling it serves them.
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -1000,21 +1225,24 @@ pub async fn run(
             }
             event = assigned.recv() => match event {
                 Some(Assigned::Queue(key, queue)) => {
-                    let (Some(handler), Some(combiner)) =
-                        (handlers.get(&key.0).cloned(), combiners.get(&key.0).cloned())
-                    else {
+                    let (Some(handler), Some(combiner), Some(consumer)) = (
+                        handlers.get(&key.0).cloned(),
+                        combiners.get(&key.0).cloned(),
+                        consumers.get(&key.0).cloned(),
+                    ) else {
                         continue;
                     };
                     let worker = PartitionWorker {
                         key,
                         partitions: partitions.clone(),
                         handler,
-                        consumer: consumer.clone(),
+                        consumer,
                         config: config.consumer.clone(),
                         metrics: metrics.clone(),
                         health: health.clone(),
                         in_flight: in_flight.clone(),
                         combiner,
+                        settled: settled.clone(),
                     };
                     tasks.push(tokio::spawn(worker.run(queue, stop.clone())));
                 }
@@ -1024,19 +1252,10 @@ pub async fn run(
                 }
                 None => {}
             },
-            received = consumer.recv() => match received {
-                Ok(message) => {
-                    failed = Some(ConsumerError::Unsplit {
-                        topic: message.topic().to_string(),
-                        partition: message.partition(),
-                    });
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consumer error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+            Some((topic, partition)) = unsplit.recv() => {
+                failed = Some(ConsumerError::Unsplit { topic, partition });
+                break;
+            }
         }
     }
     if let Some(e) = &failed {
@@ -1064,7 +1283,7 @@ pub async fn run(
     // still running ends within its timeout; it is not waited for.)
     drop(assigned);
     drop(probing);
-    close_within(consumer, deadline).await;
+    leave_one_by_one(consumers, pollers, deadline).await;
     health.consumer_running.store(false, Ordering::Relaxed);
     tracing::info!("consumer stopped");
     match failed {

@@ -290,3 +290,236 @@ async fn a_clerk_webhook_through_both_binaries_on_a_real_broker_process() {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     clerk_webhook_through_ingest_and_run(&brokers, &suffix).await;
 }
+
+/// A replica process with `partitions` partitions per topic and its metrics on `port`.
+fn spawn_replica(brokers: &str, db: &TestDb, suffix: &str, group: &str, port: u16) -> Process {
+    let child = Command::new(env!("CARGO_BIN_EXE_authsync"))
+        .args(["run", "--create-topics"])
+        .env("AUTHSYNC_KAFKA_BROKERS", brokers)
+        .env("AUTHSYNC_KAFKA_GROUP_ID", group)
+        .env("AUTHSYNC_DATABASE_URL", &db.url)
+        .env("AUTHSYNC_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("AUTHSYNC_TRUST_UNSIGNED", "trusted")
+        .env("AUTHSYNC_TOPICS_LOGIN", format!("auth.login.{suffix}"))
+        .env("AUTHSYNC_TOPICS_MERGE", format!("auth.merge.{suffix}"))
+        .env(
+            "AUTHSYNC_TOPICS_USER_EVENTS",
+            format!("auth.user-events.{suffix}"),
+        )
+        .env("AUTHSYNC_TOPICS_PARTITIONS", "6")
+        .env("AUTHSYNC_RELAY_POLL_INTERVAL_MS", "100")
+        .env("AUTHSYNC_KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("AUTHSYNC_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn authsync");
+    Process(child)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// What one replica reports: the partitions it owns and the logins it applied, per topic.
+#[derive(Debug, Default, Clone)]
+struct ReplicaView {
+    owned: std::collections::BTreeMap<String, std::collections::BTreeSet<i32>>,
+    applied: u64,
+}
+
+async fn replica_view(port: u16, login_topic: &str) -> Option<ReplicaView> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let mut view = ReplicaView::default();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |name: &str| {
+            let start = series.find(&format!("{name}=\""))? + name.len() + 2;
+            let len = series[start..].find('"')?;
+            Some(series[start..start + len].to_string())
+        };
+        if series.starts_with("authsync_partition_owned{") {
+            if let (Some(topic), Some(p)) = (label("topic"), label("partition")) {
+                let p = p.parse().ok()?;
+                view.owned.entry(topic).or_default().insert(p);
+            }
+        } else if series.starts_with("authsync_messages_processed_total{")
+            && label("topic").as_deref() == Some(login_topic)
+            && matches!(label("outcome").as_deref(), Some("applied" | "signed_up"))
+        {
+            view.applied += value.parse::<f64>().ok()? as u64;
+        }
+    }
+    Some(view)
+}
+
+async fn views(ports: &[u16], login_topic: &str) -> Vec<ReplicaView> {
+    let mut out = Vec::new();
+    for port in ports {
+        out.push(replica_view(*port, login_topic).await.unwrap_or_default());
+    }
+    out
+}
+
+/// Every topic's 6 partitions owned once, each replica within ±1 of the others.
+fn balanced(views: &[ReplicaView], topics: &[String]) -> bool {
+    topics.iter().all(|t| {
+        let sizes: Vec<usize> = views
+            .iter()
+            .map(|v| v.owned.get(t).map_or(0, |o| o.len()))
+            .collect();
+        let all: std::collections::BTreeSet<i32> = views
+            .iter()
+            .filter_map(|v| v.owned.get(t))
+            .flatten()
+            .copied()
+            .collect();
+        sizes.iter().sum::<usize>() == 6
+            && all.len() == 6
+            && sizes.iter().max().unwrap_or(&0) - sizes.iter().min().unwrap_or(&0) <= 1
+    })
+}
+
+/// Scale-out on a real broker with real processes: 2 and then 3 replicas each own their
+/// share of *every* topic (±1), each applies logins, and a kill -9 of the busiest moves only
+/// its partitions; every login is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_processes_share_each_topic_and_a_kill_moves_only_its_share() {
+    let Some(brokers) = brokers() else { return };
+    let db = TestDb::new().await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let group = random_name("spread");
+    let login_topic = format!("auth.login.{suffix}");
+    let topics = [login_topic.clone(), format!("auth.merge.{suffix}")];
+    let producer = producer(&brokers);
+    let mut sent = 0;
+    let mut send = |n: usize| {
+        let from = sent;
+        sent += n;
+        (from, sent)
+    };
+    let produce = |range: (usize, usize)| {
+        let (producer, topic) = (producer.clone(), login_topic.clone());
+        async move {
+            for i in range.0..range.1 {
+                let subject = format!("user-{}", i % 120);
+                let value = login(
+                    &format!("spread-{i}"),
+                    "2026-06-01T09:00:00Z",
+                    json!({"provider": "kcat", "subject": subject}),
+                );
+                produce_to(
+                    &producer,
+                    &topic,
+                    &format!("kcat:{subject}"),
+                    &value,
+                    None,
+                    &[],
+                )
+                .await;
+            }
+        }
+    };
+
+    let mut ports = vec![free_port(), free_port()];
+    let mut replicas = vec![
+        spawn_replica(&brokers, &db, &suffix, &group, ports[0]),
+        spawn_replica(&brokers, &db, &suffix, &group, ports[1]),
+    ];
+    wait_for("2 replicas balanced per topic", || async {
+        balanced(&views(&ports, &login_topic).await, &topics)
+    })
+    .await;
+    let two = views(&ports, &login_topic).await;
+    produce(send(600)).await;
+    wait_for("600 applied", || async {
+        db.count("SELECT count(*) FROM inbox").await == 600
+    })
+    .await;
+    let after_two = views(&ports, &login_topic).await;
+    for (i, v) in after_two.iter().enumerate() {
+        assert!(v.applied > 0, "replica {i} applied logins: {after_two:?}");
+    }
+    eprintln!(
+        "spread, 2 replicas: login partitions {:?}, applied {:?}",
+        two.iter()
+            .map(|v| v.owned.get(&topics[0]).map_or(0, |o| o.len()))
+            .collect::<Vec<_>>(),
+        after_two.iter().map(|v| v.applied).collect::<Vec<_>>()
+    );
+
+    ports.push(free_port());
+    replicas.push(spawn_replica(&brokers, &db, &suffix, &group, ports[2]));
+    wait_for("3 replicas balanced per topic", || async {
+        balanced(&views(&ports, &login_topic).await, &topics)
+    })
+    .await;
+    let three = views(&ports, &login_topic).await;
+    for v in &three {
+        for t in &topics {
+            assert_eq!(v.owned.get(t).map_or(0, |o| o.len()), 2, "2/2/2: {three:?}");
+        }
+    }
+    produce(send(600)).await;
+    wait_for("1,200 applied", || async {
+        db.count("SELECT count(*) FROM inbox").await == 1200
+    })
+    .await;
+    let after_three = views(&ports, &login_topic).await;
+    let phase: Vec<u64> = after_three
+        .iter()
+        .zip(three.iter())
+        .map(|(now, then)| now.applied - then.applied)
+        .collect();
+    assert!(
+        phase.iter().all(|&n| n > 0),
+        "each of 3 replicas applied: {phase:?}"
+    );
+    eprintln!("spread, 3 replicas: 2/2/2 partitions per topic, applied {phase:?}");
+
+    // Kill -9 the busiest: only its partitions move, to the two that are left.
+    let busiest = (0..3).max_by_key(|&i| phase[i]).unwrap_or(0);
+    let _ = replicas[busiest].0.kill();
+    let _ = replicas[busiest].0.wait();
+    replicas.remove(busiest);
+    ports.remove(busiest);
+    let mut kept = three.clone();
+    kept.remove(busiest);
+    wait_for("2 survivors balanced per topic", || async {
+        balanced(&views(&ports, &login_topic).await, &topics)
+    })
+    .await;
+    let survivors = views(&ports, &login_topic).await;
+    for (before, after) in kept.iter().zip(&survivors) {
+        for t in &topics {
+            let (b, a) = (before.owned.get(t), after.owned.get(t));
+            assert!(
+                a.zip(b).is_some_and(|(a, b)| a.is_superset(b)),
+                "a survivor keeps its partitions of {t}: {kept:?} -> {survivors:?}"
+            );
+        }
+    }
+    produce(send(300)).await;
+    wait_for("1,500 applied", || async {
+        db.count("SELECT count(*) FROM inbox").await == 1500
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT sum(login_count)::int8 FROM users").await,
+        1500,
+        "every login applied exactly once"
+    );
+    for mut r in replicas {
+        assert_eq!(r.terminate(), Some(0));
+    }
+}

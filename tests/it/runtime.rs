@@ -620,6 +620,109 @@ async fn shutdown_finishes_while_the_broker_is_down() {
     );
 }
 
+/// The partitions of `topic` that `metrics`' process owns (`authsync_partition_owned`).
+fn owned_partitions(
+    metrics: &authsync::telemetry::Metrics,
+    topic: &str,
+) -> std::collections::BTreeSet<i32> {
+    metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "authsync_partition_owned")
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "topic" && l.value() == topic)
+        })
+        .filter_map(|m| {
+            m.get_label()
+                .iter()
+                .find(|l| l.name() == "partition")
+                .and_then(|l| l.value().parse().ok())
+        })
+        .collect()
+}
+
+/// Replicas share every input topic, not just the partition count: with one group member
+/// per topic, two replicas split each topic's 3 partitions 2/1 and three split them 1/1/1
+/// (a member reading both topics let one replica own every login partition). When a
+/// replica leaves, only its partitions move: the others keep what they had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_every_topic_within_one_partition() {
+    let mut h = Harness::new().await;
+    h.start().await;
+    let topics = [h.config.topics.login.clone(), h.config.topics.merge.clone()];
+    let mut stops = Vec::new();
+    let mut workers = vec![h.worker().metrics.clone()];
+    let spread = |workers: &[authsync::telemetry::Metrics]| {
+        topics
+            .iter()
+            .map(|t| {
+                workers
+                    .iter()
+                    .map(|w| owned_partitions(w, t))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    // Each topic's partitions: every one owned once, each replica within ±1 of the others.
+    let balanced = |per_topic: &[Vec<std::collections::BTreeSet<i32>>]| {
+        per_topic.iter().all(|owners| {
+            let sizes: Vec<usize> = owners.iter().map(|o| o.len()).collect();
+            let all: std::collections::BTreeSet<i32> = owners.iter().flatten().copied().collect();
+            sizes.iter().sum::<usize>() == PARTITIONS as usize
+                && all.len() == PARTITIONS as usize
+                && sizes.iter().max().unwrap_or(&0) - sizes.iter().min().unwrap_or(&0) <= 1
+        })
+    };
+    let mut extra = Vec::new();
+    for _ in 0..2 {
+        let stop = CancellationToken::new();
+        let worker = app::start(h.config.clone(), RunOptions::default(), stop.clone())
+            .await
+            .expect("another replica starts");
+        workers.push(worker.metrics.clone());
+        stops.push(stop);
+        extra.push(worker);
+        wait_for(
+            &format!("{} replicas balanced per topic", workers.len()),
+            || async { balanced(&spread(&workers)) },
+        )
+        .await;
+    }
+    let before = spread(&workers);
+    for owners in &before {
+        assert!(owners.iter().all(|o| o.len() == 1), "1/1/1: {before:?}");
+    }
+    // The third replica leaves: its partitions go to the others, theirs stay.
+    stops[1].cancel();
+    if let Some(third) = extra.pop() {
+        third.wait().await.expect("third replica stops cleanly");
+    }
+    workers.pop();
+    wait_for("2 replicas balanced per topic", || async {
+        balanced(&spread(&workers))
+    })
+    .await;
+    let after = spread(&workers);
+    for (t, owners) in after.iter().enumerate() {
+        for (w, owned) in owners.iter().enumerate() {
+            assert!(
+                owned.is_superset(&before[t][w]),
+                "replica {w} kept its partitions of {}: {before:?} -> {after:?}",
+                topics[t]
+            );
+        }
+    }
+    stops[0].cancel();
+    for worker in extra {
+        worker.wait().await.expect("second replica stops cleanly");
+    }
+    h.stop().await;
+}
+
 /// While the worker drains after SIGTERM, its endpoints stay up: `/readyz` answers 503 (no
 /// new traffic for this replica) and `/healthz` 200 (it is not hung), until the batch it
 /// holds is done; then the endpoints go with the process.
