@@ -344,48 +344,51 @@ impl ConsumerContext for PipelineContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(topic = %self.topic, partitions = tpl.count(), "partitions assigned");
             if !self.first_assignment_seen.swap(true, Ordering::SeqCst) {
                 self.start_up.member_assigned();
             }
         }
-        self.publish_assignment(consumer);
+        self.publish_assignment(rebalance);
         self.rebalances.send_modify(|n| *n += 1);
     }
 }
 
 impl PipelineContext {
-    /// Exports what this member owns now (after a rebalance, either way).
-    fn publish_assignment(&self, consumer: &BaseConsumer<Self>) {
-        let Ok(assignment) = consumer.assignment() else {
+    /// Exports what this member owns after `rebalance`. Kept from the rebalances' own
+    /// partition lists (increments with the cooperative protocol, whole sets with an eager
+    /// one: both add up). Never `consumer.assignment()` here: it waits for librdkafka's
+    /// group thread with no timeout, and while a consumer closes (its final rebalance runs
+    /// inside `Drop`) that thread no longer answers, which hung a worker's shutdown.
+    fn publish_assignment(&self, rebalance: &Rebalance<'_>) {
+        let Ok(mut owned) = self.owned.lock() else {
             return;
         };
-        let owned: HashSet<i32> = assignment
-            .elements()
-            .iter()
-            .filter(|e| e.topic() == self.topic)
-            .map(|e| e.partition())
-            .collect();
         let m = &self.metrics;
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                for e in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+                    owned.insert(e.partition());
+                    m.partition_owned
+                        .with_label_values(&[&self.topic, &e.partition().to_string()])
+                        .set(1);
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                for e in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+                    owned.remove(&e.partition());
+                    let _ = m
+                        .partition_owned
+                        .remove_label_values(&[&self.topic, &e.partition().to_string()]);
+                }
+            }
+            Rebalance::Error(_) => {}
+        }
         m.partitions_assigned
             .with_label_values(&[&self.topic])
             .set(owned.len() as i64);
-        let Ok(mut published) = self.owned.lock() else {
-            return;
-        };
-        for gone in published.difference(&owned) {
-            let _ = m
-                .partition_owned
-                .remove_label_values(&[&self.topic, &gone.to_string()]);
-        }
-        for p in &owned {
-            m.partition_owned
-                .with_label_values(&[&self.topic, &p.to_string()])
-                .set(1);
-        }
-        *published = owned;
     }
 }
 
@@ -963,7 +966,13 @@ async fn close_within(consumer: Arc<PipelineConsumer>, deadline: tokio::time::In
         .spawn(move || {
             let _ = committed_tx.send(consumer.commit_consumer_state(CommitMode::Sync));
             consumer.unsubscribe();
-            // The last reference: dropping it closes the consumer (leaves the group).
+            // Dropping the last reference closes the consumer, which polls it until the
+            // group is left: that belongs on this thread, never on a runtime worker. Wait
+            // (bounded) for any other holder to let go first.
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&consumer) > 1 && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             drop(consumer);
             let _ = closed_tx.send(());
         });
