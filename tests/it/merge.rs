@@ -332,13 +332,12 @@ async fn merge_waits_for_a_user_not_synced_yet() {
     h.wait_handled(1).await;
     let late = ids::user_id("p", "late");
     produce_merge(&h, "early-into-late", old, late).await;
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Waited for, not slept on: how soon the merge member fetches depends on the machine.
+    wait_for("the merge waits aside", || async {
+        h.db.count("SELECT count(*) FROM merge_waits").await == 1
+    })
+    .await;
     assert_eq!(h.db.count("SELECT count(*) FROM merges").await, 0);
-    assert_eq!(
-        h.db.count("SELECT count(*) FROM merge_waits").await,
-        1,
-        "the merge waits aside"
-    );
     assert_eq!(
         h.worker().metrics.batch_retries.get(),
         0,
