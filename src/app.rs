@@ -75,6 +75,13 @@ pub async fn start(
         .context("cannot reach Postgres (database.url)")?;
     check_migrated(&pool).await?;
     kafka::ensure_topics(&config, options.create_topics).await?;
+    // As many as run at once in steady state: the batches in flight, the relay, one spare.
+    let in_use = config.consumer.max_batches_in_flight as u32 + 2;
+    let warmed = store::warm(&pool, in_use.min(config.database.max_connections)).await;
+    tracing::debug!(
+        warmed,
+        "database connections opened before joining the group"
+    );
 
     let metrics = Metrics::new();
     let health = Health::with(

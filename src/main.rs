@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use authsync::app::{self, RunOptions};
 use authsync::config::Config;
 use authsync::ops::replay::{self, ReplayFrom, ReplayRequest};
+use authsync::ops::replay_lane;
 use authsync::ops::{dlq, outbox};
 use authsync::{ops, store, telemetry};
 
@@ -42,7 +43,8 @@ enum Command {
     },
     /// Validate the configuration and print it (secrets redacted).
     Config,
-    /// Rewind a consumer group so its events are read again (refuses while it has members).
+    /// Read a topic's events again: rewind the consumer group (workers stopped), or with
+    /// --online re-read the range beside the running workers.
     Replay {
         /// Input topic to replay.
         #[arg(long)]
@@ -66,6 +68,15 @@ enum Command {
         /// Print the plan; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Leave the group where it is and read the range here, beside the running
+        /// workers: live events never wait behind replayed ones. Runs until the range
+        /// (up to the group's committed offsets) is read.
+        #[arg(long)]
+        online: bool,
+        /// With --online: at most this many events per second (default: one batch at a
+        /// time, as fast as it goes).
+        #[arg(long, requires = "online")]
+        max_rate: Option<u32>,
     },
     /// Dead letters: inspect or redrive.
     Dlq {
@@ -212,6 +223,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             from_beginning,
             reprocess,
             dry_run,
+            online,
+            max_rate,
         } => {
             let from = match (from_time, from_offset, from_beginning) {
                 (Some(t), None, false) => ReplayFrom::Time(t),
@@ -229,6 +242,14 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 dry_run,
             };
             let pool = store::pool(&config.database)?;
+            if online {
+                app::cancel_on_signals(shutdown.clone());
+                let options = replay_lane::LaneOptions { max_rate };
+                let outcome =
+                    replay_lane::run(&config, &pool, &request, &options, shutdown).await?;
+                print!("{}", replay_lane::render(&request, &outcome));
+                return Ok(());
+            }
             let outcome = replay::run(&config, &pool, &request).await?;
             print!("{}", replay::render(&request, &outcome));
             Ok(())

@@ -185,7 +185,8 @@ impl Bench {
     }
 
     /// `--rate` logins/s for 20 s while, from the 4th second, `replayed` old events (all
-    /// applied before, as a rewind re-reads them) are delivered again on the same topic.
+    /// applied before) are read again: by `authsync replay --online` beside the worker, or
+    /// with `--rewind` delivered again on the same topic, in front of the live logins.
     pub(crate) async fn mixed(&self, replayed: usize) -> anyhow::Result<()> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let db = Db::create(&self.args.database_url).await?;
@@ -199,9 +200,23 @@ impl Bench {
         let old = logins(&format!("m-{suffix}"), (replayed / 10).max(1), replayed, 0);
         self.ceiling(&db.pool, &config, &old).await?;
         sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+        let replay = if self.args.rewind {
+            Replay::Redeliver(old)
+        } else {
+            // On the topic already, and read by the workers' group: what an online replay
+            // reads again.
+            self.create_topics(&config).await?;
+            self.produce(&config.topics.login, &old).await?;
+            commit_at_end(&self.brokers, &config.kafka.group_id, &config.topics.login)?;
+            Replay::Online
+        };
         progress("mixed: live logins with a replay from the 4th second");
-        let run = self.live_latency(&config, &db, n, Some(old)).await?;
-        run.report("mixed", &floor, serde_json::json!({"replayed": replayed}));
+        let run = self.live_latency(&config, &db, n, Some(replay)).await?;
+        run.report(
+            "mixed",
+            &floor,
+            serde_json::json!({"replayed": replayed, "replay": if self.args.rewind { "rewind" } else { "online" }}),
+        );
         db.drop().await;
         Ok(())
     }
@@ -214,10 +229,12 @@ impl Bench {
         config: &Config,
         db: &Db,
         n: usize,
-        replay: Option<Vec<(String, Vec<u8>)>>,
+        replay: Option<Replay>,
     ) -> anyhow::Result<LatencyRun> {
         let rate = self.args.rate.max(1) as usize;
-        self.create_topics(config).await?;
+        if !matches!(replay, Some(Replay::Online)) {
+            self.create_topics(config).await?;
+        }
         let mut child = self.spawn_worker(config)?;
         let pid = child.id();
         let reader = self.latency_reader(
@@ -257,17 +274,29 @@ impl Bench {
                 }
             }))
         };
-        let replaying = replay.map(|events| {
+        let replaying = replay.map(|replay| {
             let (window, topic, wait) = (
                 replay_window.clone(),
                 config.topics.login.clone(),
                 Duration::from_secs_f64(n as f64 / rate as f64 / 6.0),
             );
             let brokers = self.brokers.clone();
+            let mut online = self.authsync_command(config);
+            online.args(["replay", "--online", "--from-beginning", "--topic", &topic]);
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 let started = Instant::now();
-                let result = produce_to(&brokers, &topic, &events).await;
+                let result = match replay {
+                    Replay::Redeliver(events) => produce_to(&brokers, &topic, &events).await,
+                    Replay::Online => tokio::task::spawn_blocking(move || {
+                        let status = online.status().context("spawn authsync replay")?;
+                        anyhow::ensure!(status.success(), "authsync replay --online: {status}");
+                        Ok(())
+                    })
+                    .await
+                    .context("replay task")
+                    .and_then(|r| r),
+                };
                 if let Ok(mut w) = window.lock() {
                     *w = Some((started, Instant::now()));
                 }
@@ -345,6 +374,36 @@ impl Bench {
             broker_cores: broker_secs.map(|secs| secs / elapsed.as_secs_f64().max(1e-9)),
         })
     }
+}
+
+/// How `mixed` reads its old events again.
+pub(crate) enum Replay {
+    /// Produced again on the live topic: in front of the live logins, as a rewind puts them.
+    Redeliver(Vec<(String, Vec<u8>)>),
+    /// `authsync replay --online --from-beginning` beside the worker.
+    Online,
+}
+
+/// Commits `group`'s offsets at the end of every partition of `topic`: a group that has
+/// read everything there is.
+fn commit_at_end(brokers: &str, group: &str, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = client.fetch_metadata(Some(topic), timeout)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let (_, high) = client.fetch_watermarks(topic, p.id(), timeout)?;
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Offset(high))?;
+        }
+    }
+    client.commit(&tpl, CommitMode::Sync)?;
+    Ok(())
 }
 
 /// One paced latency run (see [`Bench::live_latency`]).

@@ -62,6 +62,11 @@ struct Args {
     /// relay 200000, latency 20 s at `--rate`, mixed: 200000 replayed).
     #[arg(long)]
     events: Option<usize>,
+    /// mixed: deliver the replayed events again on the live topic, in front of the live
+    /// logins (what a rewind of the workers' group does), instead of `authsync replay
+    /// --online` beside the workers.
+    #[arg(long)]
+    rewind: bool,
     /// Kafka brokers; when absent a tansu broker is started on a free port.
     #[arg(long, env = "AUTHSYNC_BENCH_BROKERS")]
     brokers: Option<String>,

@@ -70,9 +70,15 @@ impl Bench {
     }
 
     pub(crate) fn spawn_worker(&self, config: &Config) -> anyhow::Result<Child> {
+        let mut cmd = self.authsync_command(config);
+        cmd.arg("run");
+        cmd.spawn().context("spawn authsync")
+    }
+
+    /// The `authsync` binary with `config` in its environment (add the command).
+    pub(crate) fn authsync_command(&self, config: &Config) -> Command {
         let mut cmd = Command::new(&self.authsync_bin);
-        cmd.arg("run")
-            .env("AUTHSYNC_KAFKA_BROKERS", &config.kafka.brokers)
+        cmd.env("AUTHSYNC_KAFKA_BROKERS", &config.kafka.brokers)
             .env("AUTHSYNC_KAFKA_GROUP_ID", &config.kafka.group_id)
             .env("AUTHSYNC_DATABASE_URL", config.database.url.expose())
             .env("AUTHSYNC_TOPICS_LOGIN", &config.topics.login)
@@ -103,7 +109,7 @@ impl Bench {
             )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        cmd.spawn().context("spawn authsync")
+        cmd
     }
 
     /// Runs the worker over what the topic holds until `processed` messages are handled

@@ -468,7 +468,7 @@ pub fn consumer_client_config(config: &Config) -> rdkafka::ClientConfig {
     cc
 }
 
-fn to_input(message: &BorrowedMessage<'_>) -> InputMessage {
+pub(crate) fn to_input(message: &BorrowedMessage<'_>) -> InputMessage {
     let headers = crate::kafka::message_headers(message);
     InputMessage {
         topic: message.topic().to_string(),

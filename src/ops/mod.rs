@@ -4,3 +4,4 @@ pub mod dev;
 pub mod dlq;
 pub mod outbox;
 pub mod replay;
+pub mod replay_lane;

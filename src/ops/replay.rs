@@ -125,7 +125,7 @@ pub async fn run(
         );
     }
     let (cfg, req) = (config.clone(), request.clone());
-    let plans = tokio::task::spawn_blocking(move || plan(&cfg, &req)).await??;
+    let plans = tokio::task::spawn_blocking(move || plan(&cfg, &req, true)).await??;
     if request.dry_run {
         return Ok(ReplayOutcome {
             plans,
@@ -141,12 +141,14 @@ pub async fn run(
     if request.reprocess {
         let partitions: Vec<i32> = plans.iter().map(|p| p.partition).collect();
         let offsets: Vec<i64> = plans.iter().map(|p| p.new).collect();
-        deleted = crate::store::inbox::delete_from_offsets(
+        let ends = vec![i64::MAX; partitions.len()];
+        deleted = crate::store::inbox::delete_positions(
             pool,
             &request.group,
             &request.topic,
             &partitions,
             &offsets,
+            &ends,
         )
         .await?;
     }
@@ -157,17 +159,23 @@ pub async fn run(
     })
 }
 
-fn plan(config: &Config, request: &ReplayRequest) -> anyhow::Result<Vec<PartitionPlan>> {
+pub(crate) fn plan(
+    config: &Config,
+    request: &ReplayRequest,
+    refuse_members: bool,
+) -> anyhow::Result<Vec<PartitionPlan>> {
     let client = consumer(config, &request.group)?;
     // Brokers that cannot describe groups (librdkafka's mock) fall through to the takeover
     // check in `commit`, which also refuses when it cannot get every partition.
-    let groups = match client.fetch_group_list(Some(&request.group), TIMEOUT) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot describe the consumer group");
-            None
-        }
-    };
+    let groups =
+        match refuse_members.then(|| client.fetch_group_list(Some(&request.group), TIMEOUT)) {
+            Some(Ok(g)) => Some(g),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "cannot describe the consumer group");
+                None
+            }
+            None => None,
+        };
     if let Some(group) = groups.as_ref().and_then(|g| g.groups().first()) {
         let members = group.members();
         let state = group.state().to_string();

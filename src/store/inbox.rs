@@ -68,22 +68,24 @@ pub async fn mark_dead_lettered(
 }
 
 /// Forgets the inbox rows of a replayed range (`authsync replay --reprocess`): per
-/// partition, every row at or after the given offset. Returns how many.
-pub async fn delete_from_offsets(
+/// partition, every row at an offset in `from..until`. Returns how many.
+pub async fn delete_positions(
     pool: &sqlx::PgPool,
     group: &str,
     topic: &str,
     partitions: &[i32],
-    offsets: &[i64],
+    from: &[i64],
+    until: &[i64],
 ) -> Result<u64, sqlx::Error> {
     sqlx::query!(
-        r#"DELETE FROM inbox i USING UNNEST($3::int4[], $4::int8[]) AS r(p, o)
+        r#"DELETE FROM inbox i USING UNNEST($3::int4[], $4::int8[], $5::int8[]) AS r(p, o, e)
            WHERE i.consumer_group = $1 AND i.topic = $2 AND i.kafka_partition = r.p
-             AND i.kafka_offset >= r.o"#,
+             AND i.kafka_offset >= r.o AND i.kafka_offset < r.e"#,
         group,
         topic,
         partitions,
-        offsets
+        from,
+        until
     )
     .execute(pool)
     .await

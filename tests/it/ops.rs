@@ -3,6 +3,7 @@
 use authsync::ops::dlq::{self, RedriveRequest};
 use authsync::ops::outbox;
 use authsync::ops::replay::{self, ReplayFrom, ReplayRequest};
+use authsync::ops::replay_lane::{self, LaneOptions};
 use authsync::relay;
 use authsync::telemetry::Metrics;
 use serde_json::json;
@@ -103,6 +104,187 @@ async fn replay_after_a_simulated_bug_rederives_state_and_announces_nothing_twic
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 15);
+}
+
+/// Waits until the worker's group committed `n` login offsets in all.
+async fn wait_committed(h: &Harness, n: i64) {
+    let plan_only = replay_request(h, false, true);
+    wait_for(&format!("{n} committed offsets"), || async {
+        let plan = replay_lane::run(
+            &h.config,
+            &h.db.pool,
+            &plan_only,
+            &LaneOptions::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("dry run");
+        plan.plans
+            .iter()
+            .map(|p| p.current.unwrap_or(p.new) - p.new)
+            .sum::<i64>()
+            == n
+    })
+    .await;
+}
+
+/// `replay --online` beside a running worker: the worker's group is not moved (live
+/// logins go on, and none is read twice), `--reprocess` re-derives corrupted state and
+/// re-dead-letters a poison message under its old id (nothing announced twice), a plain
+/// online replay finds every login applied, and a second lane of the same topic is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_replay_runs_beside_the_workers_and_announces_nothing_twice() {
+    let mut h = Harness::new().await;
+    h.start().await;
+    for i in 0..10 {
+        h.produce(
+            &format!("p:u{}", i % 5),
+            &login(
+                &format!("r-{i}"),
+                &format!("2026-05-01T10:00:{i:02}Z"),
+                json!({"provider": "p", "subject": format!("u{}", i % 5), "displayName": format!("Name {}", i % 5)}),
+            ),
+        )
+        .await;
+    }
+    h.produce("p:junk", b"not json at all").await;
+    h.wait_handled(11).await;
+    h.wait_published().await;
+    let emitted_before = h.db.count("SELECT count(*) FROM outbox_emitted").await;
+    assert_eq!(
+        emitted_before, 16,
+        "10 synced + 5 signed_up + 1 dead letter"
+    );
+    // The lane reads up to the group's committed offsets: wait for the worker's commits.
+    wait_committed(&h, 11).await;
+    // Live logins keep coming while the lane runs.
+    let live = async {
+        for i in 0..5 {
+            h.produce(
+                &format!("p:live{i}"),
+                &login(
+                    &format!("live-{i}"),
+                    "2026-05-01T11:00:00Z",
+                    json!({"provider": "p", "subject": format!("live{i}")}),
+                ),
+            )
+            .await;
+        }
+    };
+    let mut request = replay_request(&h, true, false);
+    let unpaced = LaneOptions::default();
+    let lane = replay_lane::run(
+        &h.config,
+        &h.db.pool,
+        &request,
+        &unpaced,
+        CancellationToken::new(),
+    );
+    let (done, ()) = tokio::join!(lane, live);
+    let done = done.expect("online replay");
+    assert_eq!(
+        done.read.values().sum::<u64>(),
+        11,
+        "the range the group had read"
+    );
+    assert_eq!(done.inbox_rows_deleted, 11);
+    assert_eq!(done.report.applied, 10);
+    assert_eq!(done.report.dead_lettered_total(), 1, "the poison again");
+    assert!(done.interrupted.is_none());
+    h.wait_handled(16).await;
+    h.wait_published().await;
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM users WHERE auth_display_name = 'BUG'")
+            .await,
+        0,
+        "state re-derived from the events"
+    );
+    assert_eq!(
+        h.db.count("SELECT count(*) FROM outbox_emitted").await,
+        emitted_before + 10,
+        "only the live logins' results are new (5 synced + 5 signed_up)"
+    );
+    let handled = |h: &Harness| {
+        h.worker()
+            .metrics
+            .consumed
+            .with_label_values(&[&h.config.topics.login])
+            .get()
+    };
+    assert_eq!(handled(&h), 16, "the worker read nothing twice");
+
+    // A plain online replay: everything it reads was applied.
+    wait_committed(&h, 16).await;
+    request.reprocess = false;
+    let plain = replay_lane::run(
+        &h.config,
+        &h.db.pool,
+        &request,
+        &LaneOptions {
+            max_rate: Some(1_000),
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("plain online replay");
+    assert_eq!(plain.read.values().sum::<u64>(), 16);
+    // A dead-lettered event may be claimed again (that is how a redrive works): the poison
+    // is dead-lettered again under the same id, which the outbox does not publish twice.
+    assert_eq!(plain.report.duplicates, 15, "{:?}", plain.report);
+    assert_eq!(plain.report.dead_lettered_total(), 1);
+    assert_eq!(plain.report.applied, 0);
+    assert!(replay_lane::render(&request, &plain).contains("already applied 15"));
+
+    // One lane per group and topic.
+    let mut holder = h.db.pool.acquire().await.expect("connection");
+    let key = format!(
+        "authsync-replay:{}:{}",
+        h.config.kafka.group_id, h.config.topics.login
+    );
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind(&key)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let refused = replay_lane::run(
+        &h.config,
+        &h.db.pool,
+        &request,
+        &LaneOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("a second lane")
+    .to_string();
+    assert!(refused.contains("another online replay"), "{refused}");
+    drop(holder);
+
+    h.produce(
+        "p:after",
+        &login(
+            "after",
+            "2026-05-01T12:00:00Z",
+            json!({"provider": "p", "subject": "after"}),
+        ),
+    )
+    .await;
+    h.wait_handled(17).await;
+    h.stop().await;
+    let out = h.outputs(28).await;
+    let letters = out.iter().filter(|o| o.topic.ends_with(".dlq")).count();
+    assert_eq!(letters, 1, "the poison's dead letter, once");
+    let mut ids: Vec<String> = out
+        .iter()
+        .filter(|o| !o.topic.ends_with(".dlq"))
+        .map(|o| o.json()["id"].to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (out.len(), ids.len()),
+        (28, 27),
+        "each result event published once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
