@@ -206,7 +206,12 @@ async fn read_ranges(
         .iter()
         .map(|(p, from, until)| (*p, (*from, *until)))
         .collect();
-    let batch_size = config.consumer.batch_size.max(1);
+    // Paced, a batch is at most a tenth of a second's worth, so the pace is smooth.
+    let batch_size = match options.max_rate.filter(|r| *r > 0) {
+        Some(rate) => config.consumer.batch_size.min((rate as usize / 10).max(1)),
+        None => config.consumer.batch_size,
+    }
+    .max(1);
     let mut last_progress = Instant::now();
     let paced_from = Instant::now();
     let mut sent: u64 = 0;

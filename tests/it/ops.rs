@@ -287,6 +287,89 @@ async fn online_replay_runs_beside_the_workers_and_announces_nothing_twice() {
     );
 }
 
+/// An online replay stopped by a signal says where to resume; resuming there reads the
+/// rest, and nothing twice. A topic the worker does not consume is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_replay_stopped_by_a_signal_resumes_where_it_stopped() {
+    let mut h = Harness::new().await;
+    h.start().await;
+    for i in 0..300 {
+        h.produce(
+            &format!("p:s{}", i % 30),
+            &login(
+                &format!("s-{i}"),
+                "2026-05-01T10:00:00Z",
+                json!({"provider": "p", "subject": format!("s{}", i % 30)}),
+            ),
+        )
+        .await;
+    }
+    h.wait_handled(300).await;
+    wait_committed(&h, 300).await;
+
+    let mut request = replay_request(&h, false, false);
+    let stop = CancellationToken::new();
+    let stopper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            stop.cancel();
+        })
+    };
+    // 100 events/s: about 3 s for the whole range, stopped after 1.5 s.
+    let first = replay_lane::run(
+        &h.config,
+        &h.db.pool,
+        &request,
+        &LaneOptions {
+            max_rate: Some(100),
+        },
+        stop,
+    )
+    .await
+    .expect("first part");
+    stopper.await.expect("stopper");
+    let resume = first.interrupted.clone().expect("interrupted");
+    let first_read: u64 = first.read.values().sum();
+    assert!(first_read > 0 && first_read < 300, "read {first_read}");
+    let rendered = replay_lane::render(&request, &first);
+    assert!(
+        rendered.contains("resume with --online --from-offset"),
+        "{rendered}"
+    );
+
+    request.from = ReplayFrom::Offsets(resume.into_iter().collect());
+    let rest = replay_lane::run(
+        &h.config,
+        &h.db.pool,
+        &request,
+        &LaneOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("the rest");
+    assert!(rest.interrupted.is_none());
+    assert_eq!(first_read + rest.read.values().sum::<u64>(), 300);
+    assert_eq!(first.report.duplicates + rest.report.duplicates, 300);
+
+    request.topic = "some.other.topic".into();
+    let refused = replay_lane::run(
+        &h.config,
+        &h.db.pool,
+        &request,
+        &LaneOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("not an input topic")
+    .to_string();
+    assert!(
+        refused.contains("some.other.topic") && refused.contains("topics.login"),
+        "{refused}"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_refuses_while_the_group_has_live_members() {
     let Some(mut h) = Harness::on_real_broker(|_| {}).await else {
