@@ -215,7 +215,11 @@ impl Bench {
         run.report(
             "mixed",
             &floor,
-            serde_json::json!({"replayed": replayed, "replay": if self.args.rewind { "rewind" } else { "online" }}),
+            serde_json::json!({
+                "replayed": replayed,
+                "replay": if self.args.rewind { "rewind" } else { "online" },
+                "replay_max_rate": self.args.replay_rate,
+            }),
         );
         db.drop().await;
         Ok(())
@@ -283,6 +287,9 @@ impl Bench {
             let brokers = self.brokers.clone();
             let mut online = self.authsync_command(config);
             online.args(["replay", "--online", "--from-beginning", "--topic", &topic]);
+            if let Some(rate) = self.args.replay_rate {
+                online.args(["--max-rate", &rate.to_string()]);
+            }
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 let started = Instant::now();

@@ -67,6 +67,9 @@ struct Args {
     /// --online` beside the workers.
     #[arg(long)]
     rewind: bool,
+    /// mixed: `authsync replay --online --max-rate` (events/s; default: unpaced).
+    #[arg(long)]
+    replay_rate: Option<u32>,
     /// Kafka brokers; when absent a tansu broker is started on a free port.
     #[arg(long, env = "AUTHSYNC_BENCH_BROKERS")]
     brokers: Option<String>,

@@ -2,7 +2,7 @@
 //! follows the reference APIs' response shapes (ids as UUID strings).
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
@@ -96,15 +96,14 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-// Deserialize: the store reads these as JSON Postgres built (snake_case keys).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EmailRecord {
     pub email: String,
     pub email_type: String,
     pub verified_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityRecord {
     pub provider: String,
     pub subject: String,
@@ -151,7 +150,7 @@ struct IdentityView<'a> {
     created: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CollectionRecord {
     pub id: Uuid,
     pub kind: String,
@@ -163,7 +162,7 @@ pub struct CollectionRecord {
     pub organization_id: Uuid,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkingContextRecord {
     pub tenant_id: Uuid,
     pub organization_id: Uuid,

@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use super::replay::{PartitionPlan, ReplayRequest};
 use crate::config::Config;
 use crate::consumer::{to_input, BatchHandler, StepHandler};
-use crate::kafka::client_config;
 use crate::steps::auth_sync::AuthSync;
 use crate::steps::merge::AccountMerge;
 use crate::steps::InputMessage;
@@ -178,19 +177,21 @@ async fn read_ranges(
     if work.is_empty() {
         return Ok(None);
     }
-    // A group of its own that never commits: the workers' group is not touched.
-    let reader: StreamConsumer = client_config(&config.kafka)
-        .set(
-            "group.id",
-            format!("{}.replay-{}", request.group, uuid::Uuid::new_v4().simple()),
-        )
+    // The workers' fetch settings (small per-partition buffers: the lane pulls what it
+    // applies, not the whole range at once, which would load the broker the live logins
+    // need), in a group of its own that never commits: the workers' group is not touched.
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let mut settings = crate::consumer::consumer_client_config(config);
+    settings
+        .set("group.id", format!("{}.replay-{tag}", request.group))
         .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set(
-            "fetch.message.max.bytes",
-            (config.consumer.max_message_bytes + 64 * 1024).to_string(),
-        )
+        .set("fetch.wait.max.ms", "100");
+    if settings.get("group.instance.id").is_some() {
+        settings.set("group.instance.id", format!("replay-{tag}"));
+    }
+    let client_id = settings.get("client.id").unwrap_or("authsync").to_owned();
+    settings.set("client.id", format!("{client_id}-replay"));
+    let reader: StreamConsumer = settings
         .create()
         .context("cannot create the replay's Kafka reader")?;
     let mut tpl = TopicPartitionList::new();

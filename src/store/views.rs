@@ -7,7 +7,9 @@ use uuid::Uuid;
 
 use serde_json::value::RawValue;
 
-use crate::events::results::{ClaimsViews, EmailRecord, IdentityRecord, WorkingContextRecord};
+use crate::events::results::{
+    ClaimsViews, CollectionRecord, EmailRecord, IdentityRecord, WorkingContextRecord,
+};
 
 #[derive(Debug, Default)]
 pub struct UserViews {
@@ -22,46 +24,68 @@ fn pg_json(text: String) -> Result<Box<RawValue>, sqlx::Error> {
     RawValue::from_string(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-/// Every view of `users` in one round trip: one row per user and kind, each a JSON
-/// document Postgres built. A batch of logins is a handful of statements in all, so a
-/// round trip here is a measurable share of a login's latency (four reads were four).
 pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, sqlx::Error> {
     let mut views = UserViews::default();
     if users.is_empty() {
         return Ok(views);
     }
-    // Roles, memberships, custom UPNs and attributes come in the `$sync` response's shape.
-    // Set-based per table (not a correlated subquery per user, whose plan could scan
-    // `organizations` once per user); the organization of each membership by its key
-    // (OFFSET 0: never a hash of the whole table). The working context's collections are a
-    // subquery per context row, an index lookup per user whatever the statistics say: as a
-    // plain join, a generic plan on young statistics hashed the whole collections table for
-    // every batch (4 ms for a batch of 3 users at 3k collections, 20 ms at 60k).
-    let rows = sqlx::query!(
+    let emails = sqlx::query!(
+        r#"SELECT user_id, email, email_type, verified_at FROM user_emails
+           WHERE user_id = ANY($1) ORDER BY user_id, created_at, email"#,
+        users
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in emails {
+        views
+            .emails
+            .entry(r.user_id)
+            .or_default()
+            .push(EmailRecord {
+                email: r.email,
+                email_type: r.email_type,
+                verified_at: r.verified_at,
+            });
+    }
+    let identities = sqlx::query!(
+        r#"SELECT user_id, provider, subject, created_at, groups, connection_id,
+                  connection_groups, audience, linked_by
+           FROM external_identities
+           WHERE user_id = ANY($1) ORDER BY user_id, created_at, provider, subject"#,
+        users
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in identities {
+        views
+            .identities
+            .entry(r.user_id)
+            .or_default()
+            .push(IdentityRecord {
+                provider: r.provider,
+                subject: r.subject,
+                created_at: r.created_at,
+                groups: r.groups,
+                connection_id: r.connection_id,
+                connection_groups: r.connection_groups,
+                audience: r.audience,
+                linked_by: r.linked_by,
+            });
+    }
+    // Roles, memberships, custom UPNs and attributes in the `$sync` response's shape, built
+    // as JSON by Postgres in one round trip. Set-based per table (not a correlated subquery
+    // per user, whose plan could scan `organizations` once per user); the organization of
+    // each membership by its key (OFFSET 0: never a hash of the whole table).
+    let claims = sqlx::query!(
         r#"
-        SELECT e.user_id AS "user_id!", 'emails' AS "kind!",
-               json_agg(json_build_object(
-                   'email', e.email, 'email_type', e.email_type, 'verified_at', e.verified_at)
-                 ORDER BY e.created_at, e.email)::text AS "json!"
-        FROM user_emails e WHERE e.user_id = ANY($1) GROUP BY e.user_id
-        UNION ALL
-        SELECT i.user_id, 'identities',
-               json_agg(json_build_object(
-                   'provider', i.provider, 'subject', i.subject, 'created_at', i.created_at,
-                   'groups', i.groups, 'connection_id', i.connection_id,
-                   'connection_groups', i.connection_groups, 'audience', i.audience,
-                   'linked_by', i.linked_by)
-                 ORDER BY i.created_at, i.provider, i.subject)::text
-        FROM external_identities i WHERE i.user_id = ANY($1) GROUP BY i.user_id
-        UNION ALL
-        SELECT r.user_id, 'roles',
+        SELECT r.user_id AS "user_id!", 'roles' AS "kind!",
                json_agg(json_build_object(
                    'id', r.role || CASE WHEN r.organization_id = '00000000-0000-0000-0000-000000000000'
                                         THEN '' ELSE '@' || r.organization_id::text END,
                    'name', r.role,
                    'organizationId', NULLIF(r.organization_id, '00000000-0000-0000-0000-000000000000'),
                    'expires', NULL, 'created', r.granted_at)
-                 ORDER BY r.role, r.organization_id)::text
+                 ORDER BY r.role, r.organization_id)::text AS "json!"
         FROM (SELECT user_id, role, organization_id, min(granted_at) AS granted_at
               FROM user_roles WHERE user_id = ANY($1) GROUP BY 1, 2, 3) r
         GROUP BY r.user_id
@@ -92,57 +116,75 @@ pub async fn load(conn: &mut PgConnection, users: &[Uuid]) -> Result<UserViews, 
                    'expires', NULL, 'modified', a.updated_at)
                  ORDER BY a.key)::text
         FROM user_attributes a WHERE a.user_id = ANY($1) GROUP BY a.user_id
-        UNION ALL
-        SELECT wc.user_id, 'context',
-               json_build_object(
-                   'tenant_id', wc.tenant_id, 'organization_id', wc.organization_id,
-                   'collections', COALESCE((
-                       SELECT json_agg(json_build_object(
-                                  'id', c.id, 'kind', c.kind, 'label', c.label, 'path', c.path,
-                                  'lifecycle_state', c.lifecycle_state, 'version', c.version,
-                                  'tenant_id', c.tenant_id, 'organization_id', c.organization_id)
-                                ORDER BY c.path)
-                       FROM (SELECT * FROM collections c
-                             WHERE c.organization_id = wc.organization_id
-                               AND (c.kind = 'organization' OR c.created_by = wc.user_id)
-                               AND c.lifecycle_state = 'active'
-                             OFFSET 0) c
-                   ), '[]'::json))::text
-        FROM working_contexts wc WHERE wc.user_id = ANY($1)
         "#,
         users
     )
     .fetch_all(&mut *conn)
     .await?;
-    for r in rows {
+    for r in claims {
+        let json = pg_json(r.json)?;
+        let views = views.claims.entry(r.user_id).or_default();
         match r.kind.as_str() {
-            "emails" => {
-                views.emails.insert(r.user_id, pg_record(&r.json)?);
-            }
-            "identities" => {
-                views.identities.insert(r.user_id, pg_record(&r.json)?);
-            }
-            "context" => {
-                views
-                    .working_contexts
-                    .insert(r.user_id, pg_record(&r.json)?);
-            }
-            kind => {
-                let json = pg_json(r.json)?;
-                let claims = views.claims.entry(r.user_id).or_default();
-                match kind {
-                    "roles" => claims.roles = json,
-                    "member_of" => claims.member_of = json,
-                    "custom_upns" => claims.custom_upns = json,
-                    _ => claims.attributes = json,
-                }
-            }
+            "roles" => views.roles = json,
+            "member_of" => views.member_of = json,
+            "custom_upns" => views.custom_upns = json,
+            _ => views.attributes = json,
+        }
+    }
+    // The working organization's shared collections plus the user's own. A LATERAL
+    // subquery the planner may not flatten (OFFSET 0) keeps it an index lookup per user
+    // whatever the statistics say: as a plain join, a generic plan on young statistics
+    // hashed the whole collections table for every batch (4 ms for a batch of 3 users at
+    // 3k collections, 20 ms at 60k: the largest share of end-to-end latency).
+    let contexts = sqlx::query!(
+        r#"
+        SELECT wc.user_id, wc.tenant_id, wc.organization_id,
+               c.id AS "collection_id?", c.kind AS "kind?", c.label AS "label?",
+               c.path AS "path?", c.lifecycle_state AS "lifecycle_state?", c.version AS "version?",
+               c.tenant_id AS "c_tenant?", c.organization_id AS "c_org?"
+        FROM working_contexts wc
+        LEFT JOIN LATERAL (
+            SELECT * FROM collections c
+            WHERE c.organization_id = wc.organization_id
+              AND (c.kind = 'organization' OR c.created_by = wc.user_id)
+              AND c.lifecycle_state = 'active'
+            OFFSET 0
+        ) c ON true
+        WHERE wc.user_id = ANY($1)
+        ORDER BY wc.user_id, c.path
+        "#,
+        users
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in contexts {
+        let ctx = views
+            .working_contexts
+            .entry(r.user_id)
+            .or_insert_with(|| WorkingContextRecord {
+                tenant_id: r.tenant_id,
+                organization_id: r.organization_id,
+                collections: Vec::new(),
+            });
+        if let (Some(id), Some(kind), Some(label), Some(path), Some(state), Some(version)) = (
+            r.collection_id,
+            r.kind,
+            r.label,
+            r.path,
+            r.lifecycle_state,
+            r.version,
+        ) {
+            ctx.collections.push(CollectionRecord {
+                id,
+                kind,
+                label,
+                path,
+                lifecycle_state: state,
+                version,
+                tenant_id: r.c_tenant.unwrap_or(r.tenant_id),
+                organization_id: r.c_org.unwrap_or(r.organization_id),
+            });
         }
     }
     Ok(views)
-}
-
-/// A record Postgres built as JSON; failing to read it is a bug, not the input's fault.
-fn pg_record<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Error> {
-    serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
