@@ -54,22 +54,24 @@ impl Bench {
 
     /// Waits until the worker owns every input partition (its own metrics say so).
     pub(crate) async fn worker_joined(&self, config: &Config) -> anyhow::Result<()> {
+        // Both members (one per input topic): the partitions of either pull only once
+        // every member of the process has its first assignment.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let metrics = scrape(config.http.listen).await.unwrap_or_default();
-            let line = format!(
-                "authsync_partitions_assigned{{topic=\"{}\"}} ",
-                config.topics.login
-            );
-            let owned: f64 = metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
-                .unwrap_or(0.0);
-            if owned >= self.args.partitions as f64 {
+            let owned = |topic: &str| -> f64 {
+                let line = format!("authsync_partitions_assigned{{topic=\"{topic}\"}} ");
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+                    .unwrap_or(0.0)
+            };
+            let (login, merge) = (owned(&config.topics.login), owned(&config.topics.merge));
+            if login >= self.args.partitions as f64 && merge >= 1.0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the worker owns {owned} partitions after 30 s");
+                bail!("the worker owns {login} login and {merge} merge partitions after 30 s");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
