@@ -169,8 +169,8 @@ pub enum LockWait {
 
 /// Opens up to `connections` of the pool's connections and has each one read the catalog
 /// entries of the tables a login touches, so the first batches after a start pay neither
-/// a connection set-up nor a cold relation cache (seen as a first-10-s latency tail).
-/// Returns how many connections were warmed; a failure is left for the step to meet.
+/// a connection set-up (tens of ms over TLS to a remote Postgres) nor a cold relation
+/// cache. Returns how many were warmed; a failure is left for the step to meet.
 pub async fn warm(pool: &PgPool, connections: u32) -> usize {
     let mut held = Vec::new();
     for _ in 0..connections {
