@@ -518,3 +518,79 @@ async fn merge_racing_logins_of_either_user() {
     .expect("synced after merge");
     assert_eq!(subject, y.to_string());
 }
+
+/// `replay --online --reprocess` of the merge topic beside the running worker: the merge is
+/// applied again and moves nothing twice, `user.merged` is announced once, and a plain
+/// online replay finds it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_replay_of_the_merge_topic_moves_nothing_twice() {
+    use authsync::ops::replay::{ReplayFrom, ReplayRequest};
+    use authsync::ops::replay_lane::{self, LaneOptions};
+    use tokio_util::sync::CancellationToken;
+
+    let mut h = Harness::new().await;
+    h.start().await;
+    let old = sign_up(&h, "old").await;
+    let new = sign_up(&h, "new").await;
+    h.wait_handled(2).await;
+    seed_content(&h.db, old, new).await;
+    produce_merge(&h, "merge-1", old, new).await;
+    h.wait_handled(3).await;
+    h.wait_published().await;
+    let mut request = ReplayRequest {
+        topic: h.config.topics.merge.clone(),
+        group: h.config.kafka.group_id.clone(),
+        from: ReplayFrom::Beginning,
+        reprocess: true,
+        dry_run: true,
+    };
+    let lane = |request: ReplayRequest| {
+        let (config, pool) = (h.config.clone(), h.db.pool.clone());
+        async move {
+            replay_lane::run(
+                &config,
+                &pool,
+                &request,
+                &LaneOptions::default(),
+                CancellationToken::new(),
+            )
+            .await
+            .expect("online replay of the merge topic")
+        }
+    };
+    wait_for("the merge's offset committed", || async {
+        let plan = lane(request.clone()).await;
+        plan.plans
+            .iter()
+            .map(|p| p.current.unwrap_or(p.new) - p.new)
+            .sum::<i64>()
+            == 1
+    })
+    .await;
+    request.dry_run = false;
+    let again = lane(request.clone()).await;
+    assert_eq!(again.inbox_rows_deleted, 1);
+    assert_eq!(again.read.values().sum::<u64>(), 1);
+    assert_eq!(again.report.dead_lettered_total(), 0, "{:?}", again.report);
+    request.reprocess = false;
+    let plain = lane(request).await;
+    assert_eq!(plain.report.duplicates, 1, "{:?}", plain.report);
+    h.wait_published().await;
+    h.stop().await;
+
+    for (sql, n) in [
+        (format!("SELECT count(*) FROM assets WHERE owner_id = '{new}'"), 5),
+        (format!("SELECT count(*) FROM threads WHERE owner_id = '{new}'"), 3),
+        (format!("SELECT count(*) FROM merges WHERE old_user_id = '{old}' AND new_user_id = '{new}'"), 1),
+        (format!("SELECT count(*) FROM users WHERE id = '{old}' AND lifecycle_state = 'merged' AND merged_into = '{new}'"), 1),
+    ] {
+        assert_eq!(h.db.count(&sql).await, n, "{sql}");
+    }
+    let merged = h
+        .outputs(4 + 1)
+        .await
+        .into_iter()
+        .filter(|o| o.event_type() == "user.merged")
+        .count();
+    assert_eq!(merged, 1, "announced once");
+}
