@@ -105,6 +105,35 @@ struct RawEnvelope<'a> {
 
 /// CloudEvents ids and sources are opaque, but they become primary keys: keep them sane.
 const MAX_ID_LEN: usize = 256;
+const MAX_SOURCE_LEN: usize = 2048;
+
+/// The `source` limit of the normalized contract, for the logins a provider's native
+/// payload yields (they become normalized events when `authsync ingest` produces them).
+pub(crate) fn check_source(source: &str) -> Result<(), DecodeError> {
+    if source.len() > MAX_SOURCE_LEN {
+        return Err(DecodeError::new(
+            ErrorClass::InvalidField,
+            format!(
+                "the login's source is {} bytes; CloudEvent `source` is limited to {MAX_SOURCE_LEN}",
+                source.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The CloudEvent size limits on `id` and `source`.
+fn check_id_and_source(id: &str, source: &str) -> Result<(), DecodeError> {
+    if id.len() > MAX_ID_LEN || source.len() > MAX_SOURCE_LEN {
+        return Err(DecodeError::new(
+            ErrorClass::InvalidField,
+            format!(
+                "CloudEvent `id` is limited to {MAX_ID_LEN} bytes and `source` to {MAX_SOURCE_LEN}"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 fn required_string(
     value: Option<serde_json::Value>,
@@ -192,12 +221,7 @@ pub fn decode_envelope<'a>(
     let id = required_string(raw.id, "id", ErrorClass::NotCloudEvent)?;
     let source = required_string(raw.source, "source", ErrorClass::NotCloudEvent)?;
     let event_type = required_string(raw.event_type, "type", ErrorClass::NotCloudEvent)?;
-    if id.len() > MAX_ID_LEN || source.len() > 2048 {
-        return Err(DecodeError::new(
-            ErrorClass::InvalidField,
-            format!("CloudEvent `id` is limited to {MAX_ID_LEN} bytes and `source` to 2048"),
-        ));
-    }
+    check_id_and_source(&id, &source)?;
     if event_type != expected_type {
         return Err(DecodeError::new(
             ErrorClass::WrongType,

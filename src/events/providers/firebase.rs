@@ -151,6 +151,7 @@ fn blocking_time(value: &str) -> Result<DateTime<Utc>, DecodeError> {
 mod tests {
     use super::super::tests::decode_fixture;
     use super::*;
+    use crate::events::ErrorClass;
 
     #[test]
     fn before_create_is_a_signup_without_touching_the_credential() {
@@ -182,6 +183,24 @@ mod tests {
         assert_eq!(e.locale.as_deref(), Some("fr"));
         let attrs = e.attributes.as_ref().unwrap();
         assert!(attrs.contains(&("firebase.tenant_id".into(), "tenant-emea-4k2j9".into())));
+    }
+
+    /// Found by the property test: a resource name long enough to make the login's
+    /// `source` exceed the normalized contract's limit decoded here, and then the event
+    /// `authsync ingest` would produce for it was refused by the worker.
+    #[test]
+    fn a_source_over_the_cloudevent_limit_is_refused_at_the_edge() {
+        let text = include_str!("../../../tests/fixtures/firebase/before-create.json")
+            .replace("projects/acme-prod-4821", &"x".repeat(2100));
+        let e = decode_fixture(&text, &[]).unwrap_err();
+        assert_eq!(e.class, ErrorClass::InvalidField);
+        assert!(e.reason.contains("source"), "{}", e.reason);
+        // At the limit it still decodes.
+        let text = include_str!("../../../tests/fixtures/firebase/before-create.json").replace(
+            "projects/acme-prod-4821",
+            &"x".repeat(2048 - "firebase:".len()),
+        );
+        assert_eq!(decode_fixture(&text, &[]).unwrap()[0].source.len(), 2048);
     }
 
     #[test]

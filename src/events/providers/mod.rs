@@ -63,7 +63,15 @@ pub fn decode_login_message(
     match normalized {
         Ok(event) => Ok(vec![event]),
         Err(e) if is_native_candidate(&e) => match native(message)? {
-            Some(events) => Ok(events),
+            Some(events) => {
+                // What `authsync ingest` would produce for it must read back: the
+                // normalized contract's `source` limit applies here too (long ids meet the
+                // step's own edge check).
+                for event in &events {
+                    super::check_source(&event.source)?;
+                }
+                Ok(events)
+            }
             // A CloudEvent of a type no adapter claims keeps its precise class.
             None if e.class == ErrorClass::WrongType => Err(e),
             None => Err(unknown_or(e)),
