@@ -319,26 +319,9 @@ async fn apply(
     batch: &[InputMessage],
     shutdown: &CancellationToken,
 ) -> Option<BatchReport> {
-    let retrying = |messages: &[InputMessage]| {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(config.consumer.retry_initial_ms))
-            .with_max_delay(Duration::from_millis(config.consumer.retry_max_ms))
-            .with_jitter()
-            .without_max_times();
-        let messages = messages.to_vec();
-        async move {
-            (|| handler.handle(&messages))
-                .retry(backoff)
-                .when(StoreError::is_retryable)
-                .notify(|e: &StoreError, delay| {
-                    tracing::warn!(error = %e, retry_in = ?delay, "replay batch failed transiently; retrying");
-                })
-                .await
-        }
-    };
     let whole = tokio::select! {
         _ = shutdown.cancelled() => return None,
-        r = retrying(batch) => r,
+        r = retrying(config, handler, batch) => r,
     };
     let error = match whole {
         Ok(report) => return Some(report),
@@ -349,7 +332,7 @@ async fn apply(
     for message in batch {
         let one = tokio::select! {
             _ = shutdown.cancelled() => return None,
-            r = retrying(std::slice::from_ref(message)) => r,
+            r = retrying(config, handler, std::slice::from_ref(message)) => r,
         };
         let error = match one {
             Ok(report) => {
@@ -366,6 +349,26 @@ async fn apply(
         }
     }
     Some(total)
+}
+
+/// Applies `messages`, retrying transient failures with the consumer's backoff.
+async fn retrying(
+    config: &Config,
+    handler: &dyn BatchHandler,
+    messages: &[InputMessage],
+) -> Result<BatchReport, StoreError> {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(config.consumer.retry_initial_ms))
+        .with_max_delay(Duration::from_millis(config.consumer.retry_max_ms))
+        .with_jitter()
+        .without_max_times();
+    (|| handler.handle(messages))
+        .retry(backoff)
+        .when(StoreError::is_retryable)
+        .notify(|e: &StoreError, delay| {
+            tracing::warn!(error = %e, retry_in = ?delay, "replay batch failed transiently; retrying");
+        })
+        .await
 }
 
 /// Human-readable result.
