@@ -259,6 +259,10 @@ pub(crate) struct WorkerStats {
     pub(crate) batch_p99_ms: f64,
     /// Seconds spent in batches, all partitions together.
     pub(crate) batch_total_secs: f64,
+    /// The relay's read of an outbox batch → its last broker ack (the broker's share of
+    /// transaction start → ack).
+    pub(crate) publish_p50_ms: f64,
+    pub(crate) publish_p99_ms: f64,
 }
 
 impl WorkerStats {
@@ -278,6 +282,10 @@ impl WorkerStats {
             batch_p99_ms: histogram_quantile(metrics, "authsync_batch_duration_seconds", 0.99)
                 * 1000.0,
             batch_total_secs: sum_metric(metrics, "authsync_batch_duration_seconds_sum"),
+            publish_p50_ms: histogram_quantile(metrics, "authsync_relay_publish_seconds", 0.5)
+                * 1000.0,
+            publish_p99_ms: histogram_quantile(metrics, "authsync_relay_publish_seconds", 0.99)
+                * 1000.0,
         }
     }
 }

@@ -255,11 +255,38 @@ impl Bench {
             .set("linger.ms", "0")
             .create()?;
         Self::warmed(&producer, &config.topics.login).await?;
+        let users = 1000;
+        let warmup = self.args.warmup_secs as usize * rate;
+        if warmup > 0 {
+            let topic = config.topics.login.clone();
+            paced(rate, warmup, |i| {
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                let value = login_value(&format!("w-{i}"), i % users, i, &now);
+                let key = format!("bench:user-{}", i % users);
+                if let Ok(d) =
+                    producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
+                {
+                    drop(d);
+                }
+            })
+            .await;
+            let (mut seen, deadline) = (0, Instant::now() + Duration::from_secs(30));
+            while seen < warmup && Instant::now() < deadline {
+                let m = tokio::select! {
+                    m = reader.recv() => m?,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                };
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                if v["type"] == "user.synced" {
+                    seen += 1;
+                }
+            }
+        }
         // login id -> its send time
         let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-        let users = 1000;
         let broker_cpu_before = self.broker_cpu_secs();
         let t0 = Instant::now();
+        let t0_utc = chrono::Utc::now();
         let replay_window: Arc<std::sync::Mutex<Option<(Instant, Instant)>>> = Arc::default();
         let sender = {
             let (sent, topic, producer) =
@@ -362,6 +389,23 @@ impl Bench {
             }
             windows[w].push(*l);
         }
+        let mut seconds: Vec<Vec<f64>> = Vec::new();
+        for (t, l) in &latencies {
+            let w = t.duration_since(t0).as_secs() as usize;
+            if w < 10 {
+                if seconds.len() <= w {
+                    seconds.resize(w + 1, Vec::new());
+                }
+                seconds[w].push(*l);
+            }
+        }
+        let p99_first_seconds = seconds
+            .into_iter()
+            .map(|mut w| {
+                w.sort_by(|a, b| a.total_cmp(b));
+                (percentile(&w, 0.99) * 10.0).round() / 10.0
+            })
+            .collect();
         let p99_by_10s = windows
             .into_iter()
             .map(|mut w| {
@@ -369,10 +413,32 @@ impl Bench {
                 (percentile(&w, 0.99) * 10.0).round() / 10.0
             })
             .collect();
+        // The slowest logins and when they were sent: to line a tail up with what else the
+        // machine did then (a checkpoint or an autovacuum in Postgres's log, say).
+        let mut slowest: Vec<(f64, f64)> = latencies
+            .iter()
+            .map(|(t, l)| (t.duration_since(t0).as_secs_f64(), *l))
+            .collect();
+        slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        slowest.truncate(5);
+        let slowest = slowest
+            .into_iter()
+            .map(|(at, ms)| {
+                let sent_at = t0_utc + chrono::Duration::microseconds((at * 1e6) as i64);
+                serde_json::json!({
+                    "sent_at": sent_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    "second": (at * 10.0).round() / 10.0,
+                    "ms": (ms * 10.0).round() / 10.0,
+                })
+            })
+            .collect();
         Ok(LatencyRun {
             sent: n,
             rate,
+            warmup_secs: self.args.warmup_secs,
             p99_by_10s,
+            p99_first_seconds,
+            slowest,
             latencies: latencies.into_iter().map(|(_, l)| l).collect(),
             during_replay: window.map(|(from, to)| (during, (to - from).as_secs_f64())),
             stats: WorkerStats::of(&worker),
@@ -419,7 +485,12 @@ fn commit_at_end(brokers: &str, group: &str, topic: &str) -> anyhow::Result<()> 
 pub(crate) struct LatencyRun {
     pub(crate) sent: usize,
     pub(crate) rate: usize,
+    pub(crate) warmup_secs: u64,
     pub(crate) p99_by_10s: Vec<f64>,
+    /// p99 of each of the first 10 s: the worker's start apart from its steady state.
+    pub(crate) p99_first_seconds: Vec<f64>,
+    /// The five slowest logins: when each was sent (UTC, and seconds into the run) and ms.
+    pub(crate) slowest: Vec<serde_json::Value>,
     /// Produce → `user.synced` readable, ms, per login received.
     pub(crate) latencies: Vec<f64>,
     /// The latencies of logins sent during the replay (and 5 s after), and how long its
@@ -483,6 +554,9 @@ impl LatencyRun {
                         "sent": self.sent,
                         "pipeline": pipeline,
                         "pipeline_p99_by_10s": self.p99_by_10s,
+                        "pipeline_p99_first_seconds": self.p99_first_seconds,
+                        "warmup_secs": self.warmup_secs,
+                        "slowest": self.slowest,
                         "during_replay": during,
                         "floor_two_hops": {"p50_ms": tenth(floor.p50), "p99_ms": tenth(floor.p99)},
                         "p50_over_floor": hundredth(p50 / floor.p50.max(1e-9)),
@@ -496,6 +570,8 @@ impl LatencyRun {
                             "batches_in_flight_avg": hundredth(self.batch_in_flight_avg),
                             "tx_to_ack_p50_ms": tenth(w.delay_p50_ms),
                             "tx_to_ack_p99_ms": tenth(w.delay_p99_ms),
+                            "relay_read_to_ack_p50_ms": tenth(w.publish_p50_ms),
+                            "relay_read_to_ack_p99_ms": tenth(w.publish_p99_ms),
                         },
                         "broker_floor_cores": floor.cores.map(hundredth),
                         "broker_cores": self.broker_cores.map(hundredth),

@@ -67,6 +67,10 @@ struct Args {
     /// --online` beside the workers.
     #[arg(long)]
     rewind: bool,
+    /// latency and mixed: seconds of logins at `--rate` sent (and their results awaited)
+    /// before the clock starts: the steady state without the worker's first batches.
+    #[arg(long, default_value_t = 0)]
+    warmup_secs: u64,
     /// mixed: `authsync replay --online --max-rate` (events/s; default: unpaced).
     #[arg(long)]
     replay_rate: Option<u32>,

@@ -64,6 +64,100 @@ pub trait BatchHandler: Send + Sync {
     ) -> BoxFuture<'a, Result<BatchReport, StoreError>>;
 }
 
+/// The contract every applier of input batches keeps (the partition workers and the online
+/// replay lane): a batch always ends committed, each of its messages applied or
+/// dead-lettered. Transient failures are retried with backoff, without limit (the caller
+/// drops the future to give up); a failure no retry can fix is narrowed down to its message
+/// by applying the batch again one message at a time, and that message ends in a
+/// last-resort dead letter.
+pub(crate) struct Containment<'a> {
+    pub(crate) handler: &'a dyn BatchHandler,
+    pub(crate) retry_initial_ms: u64,
+    pub(crate) retry_max_ms: u64,
+    /// Told of each transient failure and the pause before the next attempt.
+    pub(crate) on_retry: OnRetry<'a>,
+    /// Told of a message skipped because even its last-resort dead letter was refused.
+    pub(crate) on_skipped: OnSkipped<'a>,
+}
+
+/// See [`Containment::on_retry`].
+pub(crate) type OnRetry<'a> = Box<dyn Fn(&StoreError, Duration) + Send + Sync + 'a>;
+/// See [`Containment::on_skipped`].
+pub(crate) type OnSkipped<'a> = Box<dyn Fn(&InputMessage, &StoreError) + Send + Sync + 'a>;
+
+impl Containment<'_> {
+    /// Applies `batch` (or, when `failed` says how its first attempt failed for good,
+    /// starts from that) and returns what happened to its messages.
+    pub(crate) async fn apply(
+        &self,
+        batch: &[InputMessage],
+        failed: Option<StoreError>,
+    ) -> BatchReport {
+        let first = match failed {
+            Some(e) => e,
+            None => match self.retrying(|| self.handler.handle(batch)).await {
+                Ok(report) => return report,
+                Err(e) => e,
+            },
+        };
+        tracing::error!(
+            topic = batch.first().map(|m| m.topic.as_str()),
+            partition = batch.first().map(|m| m.partition),
+            error = %first,
+            kind = first.kind(),
+            size = batch.len(),
+            "batch failed permanently; applying its messages one by one"
+        );
+        let mut total = BatchReport {
+            isolated: true,
+            ..BatchReport::default()
+        };
+        let mut first = Some(first);
+        for message in batch {
+            let one = std::slice::from_ref(message);
+            let error = match first.take().filter(|_| batch.len() == 1) {
+                Some(error) => error,
+                None => match self.retrying(|| self.handler.handle(one)).await {
+                    Ok(report) => {
+                        total.absorb(report);
+                        continue;
+                    }
+                    Err(error) => error,
+                },
+            };
+            match self
+                .retrying(|| self.handler.last_resort(message, &error))
+                .await
+            {
+                Ok(report) => total.absorb(report),
+                // Nothing authsync writes there can be refused; if it is, say where the
+                // message is so it can be replayed, and move on.
+                Err(e) => (self.on_skipped)(message, &e),
+            }
+        }
+        total
+    }
+
+    /// Runs `attempt` until it succeeds or fails in a way retrying cannot fix, backing off
+    /// between transient failures.
+    async fn retrying<F, Fut>(&self, attempt: F) -> Result<BatchReport, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<BatchReport, StoreError>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.retry_initial_ms))
+            .with_max_delay(Duration::from_millis(self.retry_max_ms))
+            .with_jitter()
+            .without_max_times();
+        attempt
+            .retry(backoff)
+            .when(StoreError::is_retryable)
+            .notify(|e: &StoreError, delay| (self.on_retry)(e, delay))
+            .await
+    }
+}
+
 /// A [`Step`] run by [`run_batch`] against a pool.
 pub struct StepHandler<S> {
     pub pool: PgPool,
@@ -767,42 +861,29 @@ impl PartitionWorker {
         self.health.forget(&self.key.0, self.key.1);
     }
 
-    /// Runs `attempt` until it succeeds or fails in a way retrying cannot fix, backing off
-    /// between transient failures. `None` when the assignment was aborted meanwhile.
-    async fn retrying<F, Fut>(
-        &self,
-        state: &PartitionState,
-        attempt: F,
-    ) -> Option<Result<BatchReport, StoreError>>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<BatchReport, StoreError>>,
-    {
-        let (topic, partition) = (self.key.0.as_str(), self.key.1);
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.config.retry_initial_ms))
-            .with_max_delay(Duration::from_millis(self.config.retry_max_ms))
-            .with_jitter()
-            .without_max_times();
-        let retried = attempt
-            .retry(backoff)
-            .when(StoreError::is_retryable)
-            .notify(|e: &StoreError, delay| {
+    /// How this partition's failed batches are carried to the end (see [`Containment`]):
+    /// the consumer's backoff, and every transient failure counted and shown in health.
+    fn containment(&self) -> Containment<'_> {
+        Containment {
+            handler: self.handler.as_ref(),
+            retry_initial_ms: self.config.retry_initial_ms,
+            retry_max_ms: self.config.retry_max_ms,
+            on_retry: Box::new(move |e: &StoreError, delay: Duration| {
+                let (topic, partition) = (self.key.0.as_str(), self.key.1);
                 self.metrics.batch_retries.inc();
                 self.health.failed(topic, partition, &e.to_string());
                 tracing::warn!(topic, partition, error = %e, kind = e.kind(), retry_in = ?delay, "batch failed transiently; retrying");
-            });
-        tokio::select! {
-            biased;
-            _ = state.abort.cancelled() => None,
-            r = retried => Some(r),
+            }),
+            on_skipped: Box::new(move |m: &InputMessage, e: &StoreError| {
+                self.metrics.last_resort_failures.inc();
+                tracing::error!(topic = m.topic.as_str(), partition = m.partition, offset = m.offset, error = %e, "the last-resort dead letter failed too; the message is skipped (replay it from this offset)");
+            }),
         }
     }
 
-    /// Applies `batch` so that the partition moves on whatever happens: transient failures
-    /// are retried; a failure no retry can fix is narrowed down to its message (the batch
-    /// is re-applied one message at a time) and that message ends in a last-resort dead
-    /// letter. `None` when the assignment was aborted meanwhile.
+    /// Applies `batch` so that the partition moves on whatever happens (see
+    /// [`Containment::apply`]); `attempt` is what the combined transaction already did with
+    /// it. `None` when the assignment was aborted meanwhile.
     async fn apply_contained(
         &self,
         state: &PartitionState,
@@ -810,7 +891,7 @@ impl PartitionWorker {
         attempt: FirstAttempt,
     ) -> Option<BatchReport> {
         let (topic, partition) = (self.key.0.as_str(), self.key.1);
-        let error = match attempt {
+        let failed = match attempt {
             FirstAttempt::Applied(report) => return Some(report),
             FirstAttempt::Failed(e) if !e.is_retryable() => Some(e),
             FirstAttempt::Failed(e) => {
@@ -833,45 +914,12 @@ impl PartitionWorker {
             _ = state.abort.cancelled() => return None,
             slot = self.in_flight.acquire() => slot.ok()?,
         };
-        let first = match error {
-            Some(e) => e,
-            None => match self.retrying(state, || self.handler.handle(batch)).await? {
-                Ok(report) => return Some(report),
-                Err(e) => e,
-            },
-        };
-        tracing::error!(topic, partition, error = %first, kind = first.kind(), size = batch.len(), "batch failed permanently; applying its messages one by one");
-        let mut total = BatchReport {
-            isolated: true,
-            ..BatchReport::default()
-        };
-        let mut first = Some(first);
-        for message in batch {
-            let one = std::slice::from_ref(message);
-            let error = match first.take().filter(|_| batch.len() == 1) {
-                Some(error) => error,
-                None => match self.retrying(state, || self.handler.handle(one)).await? {
-                    Ok(report) => {
-                        total.absorb(report);
-                        continue;
-                    }
-                    Err(error) => error,
-                },
-            };
-            match self
-                .retrying(state, || self.handler.last_resort(message, &error))
-                .await?
-            {
-                Ok(report) => total.absorb(report),
-                Err(e) => {
-                    // Nothing authsync writes there can be refused; if it is, say where the
-                    // message is so it can be replayed, and move on.
-                    self.metrics.last_resort_failures.inc();
-                    tracing::error!(topic, partition, offset = message.offset, error = %e, "the last-resort dead letter failed too; the message is skipped (replay it from this offset)");
-                }
-            }
+        let containment = self.containment();
+        tokio::select! {
+            biased;
+            _ = state.abort.cancelled() => None,
+            report = containment.apply(batch, failed) => Some(report),
         }
-        Some(total)
     }
 
     /// Applies a batch (see [`Self::apply_contained`]: it always ends committed, every

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use backon::{ExponentialBuilder, Retryable};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -24,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::replay::{PartitionPlan, ReplayRequest};
 use crate::config::Config;
-use crate::consumer::{to_input, BatchHandler, StepHandler};
+use crate::consumer::{to_input, BatchHandler, Containment, StepHandler};
 use crate::steps::auth_sync::AuthSync;
 use crate::steps::merge::AccountMerge;
 use crate::steps::InputMessage;
@@ -69,6 +68,8 @@ pub async fn run(
         let mut ctx = StepContext::from_config(config)?;
         // The inbox of the group replayed: what it applied is found there.
         ctx.consumer_group = request.group.clone();
+        // Its ranges were read before: mostly duplicates.
+        ctx.expect_duplicates = true;
         let committed = crate::relay::CommitSignal::default();
         let pool = pool.clone();
         if request.topic == config.topics.login {
@@ -310,65 +311,29 @@ async fn read_ranges(
     Ok(None)
 }
 
-/// Applies a batch so the lane moves on whatever happens, as a worker does: transient
-/// failures are retried, a batch no retry can apply goes one message at a time and a
-/// message that still fails ends in a last-resort dead letter. `None`: interrupted.
+/// Applies one batch of the range under the workers' contract ([`Containment`]: retried,
+/// narrowed down, dead-lettered as a last resort); `None` when the lane was stopped first.
 async fn apply(
     config: &Config,
     handler: &dyn BatchHandler,
     batch: &[InputMessage],
     shutdown: &CancellationToken,
 ) -> Option<BatchReport> {
-    let whole = tokio::select! {
-        _ = shutdown.cancelled() => return None,
-        r = retrying(config, handler, batch) => r,
+    let containment = Containment {
+        handler,
+        retry_initial_ms: config.consumer.retry_initial_ms,
+        retry_max_ms: config.consumer.retry_max_ms,
+        on_retry: Box::new(|e: &StoreError, delay: Duration| {
+            tracing::warn!(error = %e, kind = e.kind(), retry_in = ?delay, "replay batch failed transiently; retrying");
+        }),
+        on_skipped: Box::new(|m: &InputMessage, e: &StoreError| {
+            tracing::error!(partition = m.partition, offset = m.offset, error = %e, "the last-resort dead letter failed too; the message is skipped (replay it from this offset)");
+        }),
     };
-    let error = match whole {
-        Ok(report) => return Some(report),
-        Err(e) => e,
-    };
-    tracing::error!(error = %error, kind = error.kind(), size = batch.len(), "replay batch failed permanently; applying its messages one by one");
-    let mut total = BatchReport::default();
-    for message in batch {
-        let one = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            r = retrying(config, handler, std::slice::from_ref(message)) => r,
-        };
-        let error = match one {
-            Ok(report) => {
-                total.absorb(report);
-                continue;
-            }
-            Err(e) => e,
-        };
-        match handler.last_resort(message, &error).await {
-            Ok(report) => total.absorb(report),
-            Err(e) => {
-                tracing::error!(partition = message.partition, offset = message.offset, error = %e, "the last-resort dead letter failed too; the message is skipped (replay it from this offset)");
-            }
-        }
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        report = containment.apply(batch, None) => Some(report),
     }
-    Some(total)
-}
-
-/// Applies `messages`, retrying transient failures with the consumer's backoff.
-async fn retrying(
-    config: &Config,
-    handler: &dyn BatchHandler,
-    messages: &[InputMessage],
-) -> Result<BatchReport, StoreError> {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(config.consumer.retry_initial_ms))
-        .with_max_delay(Duration::from_millis(config.consumer.retry_max_ms))
-        .with_jitter()
-        .without_max_times();
-    (|| handler.handle(messages))
-        .retry(backoff)
-        .when(StoreError::is_retryable)
-        .notify(|e: &StoreError, delay| {
-            tracing::warn!(error = %e, retry_in = ?delay, "replay batch failed transiently; retrying");
-        })
-        .await
 }
 
 /// Human-readable result.

@@ -180,6 +180,7 @@ async fn lead(
     let cleanup_every = Duration::from_secs(config.relay.cleanup_interval_secs.max(1));
     let mut last_cleanup = Instant::now() - cleanup_every;
     let mut cleaning: Option<tokio::task::JoinHandle<()>> = None;
+    let mut gauging: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_check = Instant::now();
     let mut last_backlog = Instant::now() - Duration::from_secs(60);
     let mut rounds = Rounds::default();
@@ -188,11 +189,18 @@ async fn lead(
     // a read, so a commit during the read marks the next one.
     let mut dirty = true;
     while !shutdown.is_cancelled() {
-        // Keep the backlog gauges fresh during long publishing bursts too.
-        // (Counting the outbox is a scan; every few seconds is enough for a gauge.)
-        if last_backlog.elapsed() >= Duration::from_secs(5) {
-            update_backlog(pool, metrics).await;
-            check_hold(config, pool, metrics).await;
+        // Keep the backlog gauges fresh during long publishing bursts too, beside
+        // publishing: counting the outbox scans its heap, dead rows included (until a
+        // vacuum), and awaited here it held every result committed meanwhile (p99 of
+        // transaction start → ack 200–270 ms with 200k dead rows, 20 ms from read to ack).
+        if last_backlog.elapsed() >= Duration::from_secs(5)
+            && gauging.as_ref().is_none_or(|t| t.is_finished())
+        {
+            let (config, pool, metrics) = (config.clone(), pool.clone(), metrics.clone());
+            gauging = Some(tokio::spawn(async move {
+                update_backlog(&pool, &metrics).await;
+                check_hold(&config, &pool, &metrics).await;
+            }));
             last_backlog = Instant::now();
         }
         if last_check.elapsed() >= poll * 4 {

@@ -51,6 +51,26 @@ pub async fn claim(
     .await
 }
 
+/// Which of `ids` were handled for good (applied, or refused by the step) by `group`: what
+/// a claim would skip. Dead-lettered rows are not among them (a replay claims them again).
+/// Reads only: no row is locked.
+pub async fn handled(
+    conn: &mut PgConnection,
+    group: &str,
+    ids: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        SELECT event_id FROM inbox
+        WHERE consumer_group = $1 AND event_id = ANY($2::text[]) AND outcome <> 'dead_lettered'
+        "#,
+        group,
+        ids as &[&str],
+    )
+    .fetch_all(conn)
+    .await
+}
+
 /// Records that a claimed event ended in the dead-letter topic after all.
 pub async fn mark_dead_lettered(
     conn: &mut PgConnection,

@@ -452,3 +452,62 @@ async fn step_transactions_plan_key_lookups_and_leave_the_session_alone() {
         "the setting must not outlive the transaction"
     );
 }
+
+/// A replay's batches are mostly duplicates. A claim locks each inbox row it finds (the
+/// row's xmax becomes the claimer's transaction id), so a batch of nothing but duplicates
+/// still wrote: it took a transaction id and held the relay's fence until it committed,
+/// and every live result committed meanwhile waited for it. With `expect_duplicates` (what
+/// the online replay sets) such a batch only reads: it counts the same duplicates, locks
+/// no row, and a dead-lettered event is still claimed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_batch_of_duplicates_locks_no_inbox_row() {
+    let db = TestDb::new().await;
+    let config = test_config("unused:9092", &db.url);
+    let live = StepContext::from_config(&config).unwrap();
+    let mut replaying = StepContext::from_config(&config).unwrap();
+    replaying.expect_duplicates = true;
+    let mut batch: Vec<InputMessage> = (0..5)
+        .map(|i| message(0, i, &format!("dup-{i}"), &format!("s-{i}")))
+        .collect();
+    let mut poison = message(0, 5, "poison-1", "s-poison");
+    poison.value = Some(b"{not json".to_vec());
+    batch.push(poison);
+    let first = run_batch(&db.pool, &live, &AuthSync, &batch)
+        .await
+        .expect("first");
+    assert_eq!((first.applied, first.dead_lettered_total()), (5, 1));
+    let locked = || async {
+        db.count("SELECT count(*) FROM inbox WHERE xmax::text <> '0'")
+            .await
+    };
+    assert_eq!(locked().await, 0, "fresh rows carry no lock");
+
+    let again = run_batch(&db.pool, &replaying, &AuthSync, &batch)
+        .await
+        .expect("replayed");
+    assert_eq!(again.duplicates, 5);
+    assert_eq!(again.applied, 0);
+    assert_eq!(
+        again.dead_lettered_total(),
+        1,
+        "the dead-lettered event is claimed again (a redrive)"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM inbox WHERE xmax::text <> '0' AND outcome = 'applied'")
+            .await,
+        0,
+        "no applied row was locked"
+    );
+
+    // What the workers' claim does with the same batch: the same count, every row locked.
+    let live_again = run_batch(&db.pool, &live, &AuthSync, &batch[..5])
+        .await
+        .expect("live replay");
+    assert_eq!(live_again.duplicates, 5);
+    assert_eq!(
+        db.count("SELECT count(*) FROM inbox WHERE xmax::text <> '0' AND outcome = 'applied'")
+            .await,
+        5,
+        "the plain claim locks what it finds"
+    );
+}

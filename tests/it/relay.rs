@@ -590,3 +590,47 @@ async fn a_commit_signal_releases_results_held_by_a_transaction_without_outbox_r
     let out = read_topics(&h.config.kafka.brokers, &[topic], 1).await;
     assert_eq!(out.len(), 1);
 }
+
+/// The backlog gauges count the outbox (a scan of its heap, dead rows included until a
+/// vacuum). Publishing must not wait for them: here the count cannot finish at all (a
+/// session holds the parked table locked; its rows committed before it took the lock, so
+/// the fence does not hold them), and the results are published all the same; the gauge
+/// catches up once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_count_that_cannot_finish_does_not_hold_publishing() {
+    let h = Harness::new().await;
+    let topic = h.config.topics.user_events.clone();
+    let mut conn = h.db.pool.acquire().await.expect("conn");
+    outbox::insert(&mut conn, &[row(1, "k", &topic), row(2, "k", &topic)])
+        .await
+        .expect("insert");
+    drop(conn);
+    let mut locker = sqlx::PgConnection::connect(&h.db.url).await.expect("conn");
+    let mut locker_tx = locker.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE outbox_parked IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker_tx)
+        .await
+        .expect("lock");
+    let shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
+    metrics.outbox_parked.set(-1);
+    let relay_task = spawn_relay(&h, &metrics, &shutdown);
+    wait_for("both rows published while the count waits", || async {
+        h.db.count("SELECT count(*) FROM outbox").await == 0
+    })
+    .await;
+    assert_eq!(
+        metrics.outbox_parked.get(),
+        -1,
+        "the parked count is still waiting for the lock"
+    );
+    locker_tx.rollback().await.expect("unlock");
+    wait_for("the parked gauge is refreshed", || async {
+        metrics.outbox_parked.get() == 0
+    })
+    .await;
+    shutdown.cancel();
+    relay_task.await.expect("join").expect("relay");
+    let out = read_topics(&h.config.kafka.brokers, &[topic], 2).await;
+    assert_eq!(out.len(), 2);
+}
