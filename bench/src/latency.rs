@@ -260,14 +260,7 @@ impl Bench {
         if warmup > 0 {
             let topic = config.topics.login.clone();
             paced(rate, warmup, |i| {
-                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                let value = login_value(&format!("w-{i}"), i % users, i, &now);
-                let key = format!("bench:user-{}", i % users);
-                if let Ok(d) =
-                    producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                {
-                    drop(d);
-                }
+                send_login(&producer, &topic, &format!("w-{i}"), i, users);
             })
             .await;
             let (mut seen, deadline) = (0, Instant::now() + Duration::from_secs(30));
@@ -293,18 +286,10 @@ impl Bench {
                 (sent.clone(), config.topics.login.clone(), producer.clone());
             tokio::spawn(paced(rate, n, move |i| {
                 let id = format!("l-{i}");
-                let key = format!("bench:user-{}", i % users);
-                // Wall-clock event times: never stale against the replayed ones.
-                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                let value = login_value(&id, i % users, i, &now);
                 if let Ok(mut s) = sent.lock() {
-                    s.insert(id, Instant::now());
+                    s.insert(id.clone(), Instant::now());
                 }
-                if let Ok(d) =
-                    producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                {
-                    drop(d);
-                }
+                send_login(&producer, &topic, &id, i, users);
             }))
         };
         let replaying = replay.map(|replay| {
@@ -448,6 +433,17 @@ impl Bench {
                 / elapsed.as_secs_f64().max(1e-9),
             broker_cores: broker_secs.map(|secs| secs / elapsed.as_secs_f64().max(1e-9)),
         })
+    }
+}
+
+/// Sends login `id`, the `i`-th, of one of `users` users (keyed by user), without waiting
+/// for its delivery. Its event time is the wall clock: never stale against replayed events.
+fn send_login(producer: &FutureProducer, topic: &str, id: &str, i: usize, users: usize) {
+    let key = format!("bench:user-{}", i % users);
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let value = login_value(id, i % users, i, &now);
+    if let Ok(d) = producer.send_result(FutureRecord::to(topic).key(&key).payload(&value)) {
+        drop(d);
     }
 }
 
