@@ -72,8 +72,8 @@ pub trait BatchHandler: Send + Sync {
 /// last-resort dead letter.
 pub(crate) struct Containment<'a> {
     pub(crate) handler: &'a dyn BatchHandler,
-    pub(crate) retry_initial_ms: u64,
-    pub(crate) retry_max_ms: u64,
+    /// `retry_initial_ms` and `retry_max_ms`: the backoff.
+    pub(crate) retry: &'a ConsumerConfig,
     /// Told of each transient failure and the pause before the next attempt.
     pub(crate) on_retry: OnRetry<'a>,
     /// Told of a message skipped because even its last-resort dead letter was refused.
@@ -146,8 +146,8 @@ impl Containment<'_> {
         Fut: std::future::Future<Output = Result<BatchReport, StoreError>>,
     {
         let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.retry_initial_ms))
-            .with_max_delay(Duration::from_millis(self.retry_max_ms))
+            .with_min_delay(Duration::from_millis(self.retry.retry_initial_ms))
+            .with_max_delay(Duration::from_millis(self.retry.retry_max_ms))
             .with_jitter()
             .without_max_times();
         attempt
@@ -866,8 +866,7 @@ impl PartitionWorker {
     fn containment(&self) -> Containment<'_> {
         Containment {
             handler: self.handler.as_ref(),
-            retry_initial_ms: self.config.retry_initial_ms,
-            retry_max_ms: self.config.retry_max_ms,
+            retry: &self.config,
             on_retry: Box::new(move |e: &StoreError, delay: Duration| {
                 let (topic, partition) = (self.key.0.as_str(), self.key.1);
                 self.metrics.batch_retries.inc();

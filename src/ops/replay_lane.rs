@@ -321,8 +321,7 @@ async fn apply(
 ) -> Option<BatchReport> {
     let containment = Containment {
         handler,
-        retry_initial_ms: config.consumer.retry_initial_ms,
-        retry_max_ms: config.consumer.retry_max_ms,
+        retry: &config.consumer,
         on_retry: Box::new(|e: &StoreError, delay: Duration| {
             tracing::warn!(error = %e, kind = e.kind(), retry_in = ?delay, "replay batch failed transiently; retrying");
         }),

@@ -177,12 +177,11 @@ async fn lead(
     let poll = Duration::from_millis(config.relay.poll_interval_ms);
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen("authsync_outbox").await?;
-    let cleanup_every = Duration::from_secs(config.relay.cleanup_interval_secs.max(1));
-    let mut last_cleanup = Instant::now() - cleanup_every;
-    let mut cleaning: Option<tokio::task::JoinHandle<()>> = None;
-    let mut gauging: Option<tokio::task::JoinHandle<()>> = None;
+    let mut cleaning = Beside::every(Duration::from_secs(
+        config.relay.cleanup_interval_secs.max(1),
+    ));
+    let mut gauging = Beside::every(Duration::from_secs(5));
     let mut last_check = Instant::now();
-    let mut last_backlog = Instant::now() - Duration::from_secs(60);
     let mut rounds = Rounds::default();
     let depth = config.relay.rounds_in_flight.max(1);
     // Something may be publishable that the last read did not return. Cleared just before
@@ -193,15 +192,12 @@ async fn lead(
         // publishing: counting the outbox scans its heap, dead rows included (until a
         // vacuum), and awaited here it held every result committed meanwhile (p99 of
         // transaction start → ack 200–270 ms with 200k dead rows, 20 ms from read to ack).
-        if last_backlog.elapsed() >= Duration::from_secs(5)
-            && gauging.as_ref().is_none_or(|t| t.is_finished())
-        {
+        if gauging.due() {
             let (config, pool, metrics) = (config.clone(), pool.clone(), metrics.clone());
-            gauging = Some(tokio::spawn(async move {
+            gauging.start(async move {
                 update_backlog(&pool, &metrics).await;
                 check_hold(&config, &pool, &metrics).await;
-            }));
-            last_backlog = Instant::now();
+            });
         }
         if last_check.elapsed() >= poll * 4 {
             // Still holding the lock? A dead session means a standby may lead now.
@@ -211,19 +207,14 @@ async fn lead(
             last_check = Instant::now();
         }
         // The clean-up runs beside publishing (a long one must not hold results back).
-        if last_cleanup.elapsed() >= cleanup_every
-            && cleaning.as_ref().is_none_or(|t| t.is_finished())
-        {
+        if cleaning.due() {
             let (config, pool, metrics, shutdown) = (
                 config.clone(),
                 pool.clone(),
                 metrics.clone(),
                 shutdown.clone(),
             );
-            cleaning = Some(tokio::spawn(async move {
-                cleanup(&config, &pool, &metrics, &shutdown).await
-            }));
-            last_cleanup = Instant::now();
+            cleaning.start(async move { cleanup(&config, &pool, &metrics, &shutdown).await });
         }
         if rounds.pending.is_empty() && rounds.failed {
             // Undelivered rows are read again once nothing is in flight; give the broker
@@ -267,6 +258,35 @@ async fn lead(
         );
     }
     Ok(())
+}
+
+/// Periodic work that runs beside publishing, one run at a time: due once its interval
+/// has passed since the last start and the last run has finished.
+struct Beside {
+    every: Duration,
+    last: Option<Instant>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Beside {
+    /// Due at once, then every `every`.
+    fn every(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            task: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.last.is_none_or(|t| t.elapsed() >= self.every)
+            && self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    fn start(&mut self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.task = Some(tokio::spawn(work));
+        self.last = Some(Instant::now());
+    }
 }
 
 async fn update_backlog(pool: &PgPool, metrics: &Metrics) {
